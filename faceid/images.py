@@ -1,0 +1,71 @@
+"""The one image loader: what face analysis, inference and training all read, so keypoints always match pixels.
+
+EXIF orientation is applied, every mode (CMYK, 16-bit, palette, RGBA, grayscale) becomes 8-bit RGB, and images
+over the decompression-bomb limit are refused with a clear error instead of a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Same limit PIL warns at (~89 MP); larger images are refused rather than decoded.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read; the message names the file and the reason."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB PIL image with EXIF orientation applied.
+
+    Raises :class:`ImageLoadError` naming the file for a missing, empty, corrupt, truncated, oversized or
+    non-image file.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageLoadError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise ImageLoadError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageLoadError(f"{path}: {w}x{h} is over the {max_pixels}-pixel limit")
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"{path}: image too large ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(f"{path}: not an image or unsupported format") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"{path}: corrupt or truncated image ({exc})") from exc
+
+
+def to_bgr(image: Image.Image) -> np.ndarray:
+    """PIL RGB → contiguous uint8 BGR array, the layout insightface expects."""
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])

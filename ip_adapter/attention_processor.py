@@ -1,0 +1,169 @@
+"""Attention processors for InstantID, on ``scaled_dot_product_attention``.
+
+* :class:`AttnProcessor` — plain attention (self-attention layers); identical maths to diffusers' ``AttnProcessor2_0``.
+* :class:`IPAttnProcessor` — cross-attention whose last ``num_tokens`` context tokens are face tokens:
+  ``out = attn(q, text) + scale * mask * attn(q, face)`` with bias-free ``to_k_ip``/``to_v_ip``.
+
+Both are ``nn.Module`` so that ``nn.ModuleList(unet.attn_processors.values())`` indexes them like the official
+code (odd index = cross-attention) and both accept ``region_mask`` through ``cross_attention_kwargs``: a
+``[H, W]`` or ``[B, 1, H, W]`` tensor in image or latent space, resized to each layer's token grid, that limits
+where the face tokens act. No global state and no attention maps are kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mask_to_tokens(region_mask: torch.Tensor, num_tokens: int, batch: int) -> torch.Tensor:
+    """Resize a spatial mask to a ``[B, num_tokens, 1]`` token mask for a layer with ``num_tokens`` positions."""
+    m = region_mask
+    if m.ndim == 2:
+        m = m[None, None]
+    elif m.ndim == 3:
+        m = m[:, None]
+    h, w = m.shape[-2:]
+    factor = math.sqrt(h * w / num_tokens)
+    th, tw = max(1, round(h / factor)), max(1, round(w / factor))
+    if th * tw != num_tokens:  # odd sizes: find the grid with the mask's aspect that matches
+        for cand in range(1, num_tokens + 1):
+            if num_tokens % cand == 0 and abs(cand / (num_tokens // cand) - h / w) <= abs(th / tw - h / w):
+                th, tw = cand, num_tokens // cand
+        if th * tw != num_tokens:
+            raise ValueError(f"cannot map a {h}x{w} mask onto {num_tokens} tokens")
+    m = F.interpolate(m.float(), size=(th, tw), mode="nearest").reshape(m.shape[0], num_tokens, 1)
+    if m.shape[0] != batch:
+        m = m.expand(batch, -1, -1) if m.shape[0] == 1 else m.repeat_interleave(batch // m.shape[0], dim=0)
+    return m
+
+
+class _Base(nn.Module):
+    """Shared prologue/epilogue of diffusers' attention (spatial norm, 4-D inputs, residual, rescale)."""
+
+    @staticmethod
+    def _prologue(attn, hidden_states, temb):
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        shape4 = None
+        if hidden_states.ndim == 4:
+            b, c, h, w = hidden_states.shape
+            shape4 = (b, c, h, w)
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        return hidden_states, shape4
+
+    @staticmethod
+    def _sdpa(attn, query, key, value, attention_mask=None):
+        b = query.shape[0]
+        head_dim = key.shape[-1] // attn.heads
+        q = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+        k = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+        v = value.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        return out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+
+    @staticmethod
+    def _epilogue(attn, hidden_states, residual, shape4):
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if shape4 is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(*shape4)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    @staticmethod
+    def _mask(attn, attention_mask, sequence_length, batch):
+        if attention_mask is None:
+            return None
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch)
+        return attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+
+
+class AttnProcessor(_Base):
+    """Plain attention; ``region_mask`` is accepted and ignored (it only concerns face tokens)."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        region_mask=None,
+    ):
+        residual = hidden_states
+        hidden_states, shape4 = self._prologue(attn, hidden_states, temb)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, seq = context.shape[:2]
+        attention_mask = self._mask(attn, attention_mask, seq, batch)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        out = self._sdpa(attn, query, attn.to_k(context), attn.to_v(context), attention_mask)
+        return self._epilogue(attn, out, residual, shape4)
+
+
+class IPAttnProcessor(_Base):
+    """Cross-attention with decoupled face tokens (the last ``num_tokens`` of the context)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        cross_attention_dim: int | None = None,
+        scale: float = 1.0,
+        num_tokens: int = 16,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.cross_attention_dim = cross_attention_dim or hidden_size
+        self.scale = scale
+        self.num_tokens = num_tokens
+        self.to_k_ip = nn.Linear(self.cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(self.cross_attention_dim, hidden_size, bias=False)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        region_mask=None,
+    ):
+        residual = hidden_states
+        hidden_states, shape4 = self._prologue(attn, hidden_states, temb)
+        if encoder_hidden_states is None:
+            raise ValueError("IPAttnProcessor needs encoder_hidden_states = cat([text tokens, face tokens])")
+        end = encoder_hidden_states.shape[1] - self.num_tokens
+        if end <= 0:
+            raise ValueError(
+                f"context has {encoder_hidden_states.shape[1]} tokens; expected text tokens followed by "
+                f"{self.num_tokens} face tokens"
+            )
+        text, face = encoder_hidden_states[:, :end], encoder_hidden_states[:, end:]
+        batch = text.shape[0]
+        attention_mask = self._mask(attn, attention_mask, end, batch)
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+        query = attn.to_q(hidden_states)
+        out = self._sdpa(attn, query, attn.to_k(text), attn.to_v(text), attention_mask)
+        if self.scale != 0:
+            face_out = self._sdpa(attn, query, self.to_k_ip(face), self.to_v_ip(face))
+            if region_mask is not None:
+                face_out = face_out * mask_to_tokens(
+                    region_mask.to(face_out.device), face_out.shape[1], batch
+                ).to(face_out.dtype)
+            out = out + self.scale * face_out
+        return self._epilogue(attn, out, residual, shape4)

@@ -222,7 +222,7 @@ def build_tiny_adapter(unet, path: str | os.PathLike, seed: int = 0) -> Path:
     layers = install_ip_processors(unet, num_tokens=TINY_RESAMPLER["num_queries"], init_from_unet=False)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in layers.named_parameters():
+        for p in layers.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
     path = write_adapter(path, resampler, layers)
     unet.set_attn_processor(original)

@@ -1,0 +1,151 @@
+"""Evaluate generated images: Face Sim (ArcFace cosine), CLIP-T and CLIP-I; compare result sets in one table.
+
+    # one or several result sets (settings JSON from infer_from_pkl.py, a CSV/JSONL image,reference,prompt, or a folder)
+    python evaluate.py outputs/run1/settings.json --out outputs/eval/run1
+    python evaluate.py base=outputs/run1 finetuned=outputs/run2 --out outputs/eval/cmp     # + compare.md
+    # re-tabulate finished evaluations (folders with summary.json) without loading models
+    python evaluate.py --compare base=outputs/eval/cmp/base ft=outputs/eval/cmp/finetuned --out table.md
+    # generate the protocol grid with each checkpoint, then evaluate and compare
+    python evaluate.py --protocol configs/eval_protocol.json --checkpoint base=checkpoints --checkpoint ft=runs/x/ckpt \
+        --faces_dir examples/eval_faces --out outputs/eval/protocol
+
+Writes per_image.csv, summary.json (mean, std, count per metric; no-face count and rate) and summary.md. Use
+--face_root/--face_model_name to score Face Sim with a recognizer other than the conditioning one (antelopev2):
+scoring with the model that conditioned the generation is biased upward. The logic is in faceid/evaluation.py,
+faceid/metrics.py and faceid/protocol.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+# Defaults (edit here).
+CLIP_MODEL = "openai/clip-vit-large-patch14"  # hub id (cached) or a local CLIPModel folder
+FACE_ROOT = (
+    "."  # the pack is FACE_ROOT/models/FACE_MODEL_NAME (or FACE_ROOT/FACE_MODEL_NAME, or FACE_ROOT itself)
+)
+FACE_MODEL_NAME = "antelopev2"
+DET_SIZE = 640
+BATCH_SIZE = 8
+DEVICE = "cpu"
+OUT_DIR = "outputs/eval"
+
+
+def _named(values: list[str]) -> dict[str, str]:
+    """``NAME=PATH`` or ``PATH`` (named by its folder/file stem) → ordered ``{name: path}``."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or os.path.exists(v):
+            path = v
+            base = os.path.basename(os.path.normpath(v))
+            name = os.path.splitext(base)[0] if os.path.isfile(v) else base
+            if name in ("settings", "summary", "results"):
+                name = os.path.basename(os.path.dirname(os.path.abspath(v)))
+        if name in out:
+            raise SystemExit(f"duplicate result-set name {name!r}; use NAME=PATH")
+        out[name] = path
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", help="[NAME=]PATH of a settings JSON / CSV / JSONL / folder")
+    p.add_argument("--out", default=OUT_DIR, help="output folder (with --compare: the markdown file)")
+    p.add_argument(
+        "--compare", action="store_true", help="inputs are finished evaluations: only tabulate them"
+    )
+    g = p.add_argument_group("metrics")
+    g.add_argument("--clip_model", default=CLIP_MODEL)
+    g.add_argument("--no_clip", action="store_true", help="skip CLIP-T/CLIP-I")
+    g.add_argument("--face_root", default=FACE_ROOT)
+    g.add_argument("--face_model_name", default=FACE_MODEL_NAME)
+    g.add_argument("--det_size", type=int, default=DET_SIZE)
+    g.add_argument("--no_face_sim", action="store_true", help="skip Face Sim")
+    g.add_argument(
+        "--clip_i_baseline",
+        action="store_true",
+        help="also CLIP-I against the same-seed generation without the face (items' 'baseline'; with --protocol "
+        "these are generated with IdentityNet and adapter scales 0)",
+    )
+    g.add_argument("--batch_size", type=int, default=BATCH_SIZE)
+    g.add_argument("--device", default=DEVICE)
+    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of each set")
+    g.add_argument("--no_progress", action="store_true")
+    g = p.add_argument_group("protocol (generate the grid, then evaluate)")
+    g.add_argument("--protocol", default=None, help="e.g. configs/eval_protocol.json")
+    g.add_argument(
+        "--checkpoint", action="append", default=[], help="NAME=DIR (adapter file or folder); repeatable"
+    )
+    g.add_argument(
+        "--faces_dir", default=None, help="folder of the identities' face images (overrides the protocol)"
+    )
+    g.add_argument("--base_model", default=None)
+    g.add_argument(
+        "--controlnet", default=None, help="IdentityNet for checkpoints that have none of their own"
+    )
+    g.add_argument("--tiny", default=None, help="tiny offline layout folder (python download.py --tiny DIR)")
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--max_identities", type=int, default=None)
+    g.add_argument("--max_prompts", type=int, default=None)
+    g.add_argument("--max_seeds", type=int, default=None)
+    g.add_argument("--generate_only", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(args):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from faceid import evaluation
+
+    if args.compare:
+        out = args.out if args.out.endswith(".md") else os.path.join(args.out, "compare.md")
+        table = evaluation.compare_results(_named(args.inputs), out)
+        print(table)
+        return table
+
+    inputs = _named(args.inputs)
+    if args.protocol:
+        from faceid import protocol
+
+        inputs.update(protocol.generate_from_args(args))
+        if args.generate_only:
+            return inputs
+    if not inputs:
+        raise SystemExit("nothing to evaluate: give inputs, or --protocol with --checkpoint")
+
+    clip, face = evaluation.build_scorers(
+        clip_model=None if args.no_clip else args.clip_model,
+        face_root=None if args.no_face_sim else args.face_root,
+        face_model_name=args.face_model_name,
+        det_size=args.det_size,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    meta = {
+        "clip_model": None if args.no_clip else args.clip_model,
+        "face_root": None if args.no_face_sim else args.face_root,
+        "face_model_name": args.face_model_name,
+        "det_size": args.det_size,
+        "clip_i_baseline": args.clip_i_baseline,
+    }
+    summaries = evaluation.evaluate_sets(
+        inputs,
+        args.out,
+        clip,
+        face,
+        batch_size=args.batch_size,
+        baseline=args.clip_i_baseline,
+        limit=args.limit,
+        progress=not args.no_progress,
+        meta=meta,
+    )
+    print(evaluation.markdown_table(summaries))
+    return summaries
+
+
+if __name__ == "__main__":
+    main(parse_args())

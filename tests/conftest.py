@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny offline checkpoints, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """``download.py --tiny`` layout: SDXL folder, IdentityNet, ip-adapter.bin, tiny antelopev2."""
+    from faceid.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tiny_dir):
+    from faceid.tiny import tiny_paths as paths
+
+    return paths(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_paths):
+    from pipeline_stable_diffusion_xl_instantid import load_pipeline
+
+    return load_pipeline(
+        tiny_paths["base_model"],
+        tiny_paths["controlnet"],
+        tiny_paths["face_adapter"],
+        device="cpu",
+        progress=False,
+    )

@@ -1,0 +1,435 @@
+"""Train InstantID (Resampler + face IP layers + IdentityNet) on SDXL, with cross-identity pairs.
+
+    accelerate launch train_instantId_sdxl.py --pretrained_model_name_or_path SDXL \
+        --controlnet_model_name_or_path checkpoints/ControlNetModel \
+        --pretrained_ip_adapter_path checkpoints/ip-adapter.bin \
+        --data_json_file index.jsonl --cross_id --output_dir out
+
+See docs/training.md. Heavy lifting lives in faceid/training.py, faceid/train_*.py, faceid/transforms.py and
+faceid/webdataset_shards.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+
+# ---- defaults (edit here) -----------------------------------------------------------------------------------
+MODEL_NAME = "stabilityai/stable-diffusion-xl-base-1.0"
+OUTPUT_DIR = "instantid-output"
+RESOLUTION = 1024
+LEARNING_RATE = 1e-5
+TRAIN_BATCH_SIZE = 2
+CHECKPOINTING_STEPS = 2000
+VALIDATION_PROMPTS = (
+    "a photo of a person, best quality",
+    "a portrait of a person as an astronaut, film grain",
+)
+MAX_NONFINITE_IN_A_ROW = 10
+
+logger = logging.getLogger("train_instantid")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    B = argparse.BooleanOptionalAction
+    g = p.add_argument_group("models")
+    g.add_argument(
+        "--pretrained_model_name_or_path", default=MODEL_NAME, help="SDXL diffusers folder or hub id"
+    )
+    g.add_argument("--revision", default=None)
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="e.g. a fp16-safe SDXL VAE")
+    g.add_argument(
+        "--vae_in_weight_dtype", action=B, default=True, help="keep a given VAE in the weight dtype"
+    )
+    g.add_argument(
+        "--controlnet_model_name_or_path", default=None, help="IdentityNet; default: from the UNet"
+    )
+    g.add_argument(
+        "--pretrained_ip_adapter_path", default=None, help="ip-adapter.bin/.safetensors; default fresh"
+    )
+    g.add_argument("--num_tokens", type=int, default=16, help="face tokens of a fresh Resampler")
+    g.add_argument("--resampler_dim", type=int, default=1280)
+    g.add_argument("--resampler_depth", type=int, default=4)
+    g.add_argument("--resampler_dim_head", type=int, default=64)
+    g.add_argument("--resampler_heads", type=int, default=20)
+    g.add_argument("--resampler_ff_mult", type=int, default=4)
+    g.add_argument("--train_identitynet", action=B, default=True)
+    g.add_argument("--train_resampler", action=B, default=True)
+    g.add_argument("--train_ip_layers", action=B, default=True)
+
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data_json_file", default=None, help="index JSONL (get_face_info / MFaceTech / seed format)"
+    )
+    g.add_argument("--train_data_dir", default=None, help="FaceID-6M folder (N.png, N.npy, *.jsonl)")
+    g.add_argument(
+        "--train_shards", default=None, help="WebDataset shard folder (python -m faceid.webdataset_shards)"
+    )
+    g.add_argument(
+        "--data_format", default="auto", choices=["auto", "index", "mfacetech", "seed", "faceid6m"]
+    )
+    g.add_argument(
+        "--data_root_path", default=None, help="root for relative paths (default: the index's folder)"
+    )
+    g.add_argument(
+        "--person_id_from_folder", action="store_true", help="person = the image's parent folder name"
+    )
+    g.add_argument(
+        "--cross_id", action="store_true", help="face embedding from another image of the same person"
+    )
+    g.add_argument("--cross_id_prob", type=float, default=1.0)
+    g.add_argument("--skip_bad_samples", action="store_true")
+    g.add_argument("--resolution", type=int, default=RESOLUTION)
+    g.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
+    g.add_argument("--center_crop", action="store_true", help="(default; MFaceTech flag accepted)")
+    g.add_argument("--random_flip", type=float, default=0.0, help="probability of a mirrored sample")
+    g.add_argument("--aspect_ratio_buckets", action="store_true", help="SDXL buckets scaled to --resolution")
+    g.add_argument("--bucket_multiple", type=int, default=None)
+    g.add_argument("--text_drop_rate", type=float, default=0.05)
+    g.add_argument("--face_drop_rate", type=float, default=0.05)
+    g.add_argument("--both_drop_rate", type=float, default=0.05)
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--cache_latents", action="store_true", help="keep VAE posteriors in memory (centre crop)")
+    g.add_argument("--cache_text_embeddings", action="store_true")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--output_dir", default=OUTPUT_DIR)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--train_batch_size", type=int, default=TRAIN_BATCH_SIZE, help="per device")
+    g.add_argument("--num_train_epochs", type=int, default=100)
+    g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=LEARNING_RATE)
+    g.add_argument("--scale_lr", action="store_true", help="lr × GPUs × batch × accumulation")
+    g.add_argument("--lr_scheduler", default="constant_with_warmup")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", "--weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting (5.0 is usual)")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument(
+        "--stop_after_steps", type=int, default=None, help=argparse.SUPPRESS
+    )  # tests: simulate a kill
+    g.add_argument(
+        "--max_nonfinite_steps", type=int, default=MAX_NONFINITE_IN_A_ROW, help="stop after K in a row"
+    )
+
+    g = p.add_argument_group("checkpoints, validation, logging")
+    g.add_argument("--checkpointing_steps", "--save_steps", type=int, default=CHECKPOINTING_STEPS)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N path")
+    g.add_argument("--validation_steps", type=int, default=0, help="validate every N steps (0: never)")
+    g.add_argument("--validation_prompt", action="append", default=None)
+    g.add_argument("--num_validation_faces", type=int, default=2)
+    g.add_argument("--validation_steps_count", type=int, default=30, help="denoising steps for validation")
+    g.add_argument("--validation_guidance_scale", type=float, default=5.0)
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--tracker_project_name", default="instantid")
+    g.add_argument(
+        "--log_samples",
+        action=B,
+        default=True,
+        help="append each step's item/reference ids to OUTPUT/samples/rank-R.jsonl",
+    )
+    args = p.parse_args(argv)
+    sources = [x for x in (args.data_json_file, args.train_data_dir, args.train_shards) if x]
+    if len(sources) != 1:
+        p.error("give exactly one of --data_json_file, --train_data_dir, --train_shards")
+    if args.cache_latents and (args.random_crop or args.random_flip > 0):
+        p.error("--cache_latents needs a deterministic view: drop --random_crop/--random_flip")
+    if args.train_shards and (args.cache_latents or args.aspect_ratio_buckets):
+        p.error("--train_shards streams fixed-size samples: no --cache_latents/--aspect_ratio_buckets")
+    return args
+
+
+def build_data(args, tokenizers, rank, world, log):
+    """→ (dataset, records or None, loader_factory(epoch, start_batch), batches_per_epoch)."""
+    import torch
+
+    from faceid.train_loader import EpochBatchSampler, FaceTrainDataset, collate
+
+    common = dict(
+        resolution=args.resolution,
+        seed=args.seed,
+        random_crop=args.random_crop,
+        flip_prob=args.random_flip,
+        cross_id=args.cross_id,
+        cross_id_prob=args.cross_id_prob,
+        text_drop=args.text_drop_rate,
+        face_drop=args.face_drop_rate,
+        both_drop=args.both_drop_rate,
+    )
+    workers = args.dataloader_num_workers
+    if args.train_shards:
+        from faceid.webdataset_shards import ShardDataset
+
+        ds = ShardDataset(
+            args.train_shards,
+            tokenizers,
+            batch_size=args.train_batch_size,
+            rank=rank,
+            world_size=world,
+            **common,
+        )
+
+        def factory(epoch, start):
+            ds.set_epoch(epoch, start)
+            return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+
+        return ds, None, factory, ds.num_batches()
+
+    from faceid.train_data import load_checked_records
+    from faceid.transforms import scaled_buckets
+
+    path = args.data_json_file or args.train_data_dir
+    fmt = "faceid6m" if args.train_data_dir and args.data_format == "auto" else args.data_format
+    records, bad = load_checked_records(
+        path, fmt, args.data_root_path, args.person_id_from_folder, args.skip_bad_samples, logger=log
+    )
+    buckets = scaled_buckets(args.resolution, args.bucket_multiple) if args.aspect_ratio_buckets else None
+    ds = FaceTrainDataset(records, tokenizers, buckets=buckets, **common)
+    sampler = EpochBatchSampler(ds.bucket_groups(), args.train_batch_size, args.seed, rank, world)
+
+    def factory(epoch, start):
+        sampler.set_epoch(epoch, start)
+        return torch.utils.data.DataLoader(
+            ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate, persistent_workers=False
+        )
+
+    ds.num_bad = len(bad)
+    return ds, records, factory, sampler.num_batches()
+
+
+def main(args):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from faceid import train_checkpoint as ckpt
+    from faceid.training import (
+        CondCache,
+        compute_loss,
+        load_components,
+        micro_generator,
+        run_validation,
+        trainable_parameters,
+        validation_items,
+    )
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    report_to = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    log = get_logger("train_instantid")
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    parts = load_components(args, weight_dtype, accelerator.device)
+    model = parts["model"]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    ds, records, make_loader, batches_per_epoch = build_data(
+        args, (parts["tokenizer"], parts["tokenizer_2"]), rank, world, log
+    )
+    accum = max(1, args.gradient_accumulation_steps)
+    updates_per_epoch = math.ceil(batches_per_epoch / accum)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= accum * args.train_batch_size * world
+    params = trainable_parameters(model)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from exc
+        opt_cls = bnb.optim.AdamW8bit
+    else:
+        opt_cls = torch.optim.AdamW
+    optimizer = opt_cls(
+        params,
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * world,
+        num_training_steps=max_steps * world,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ckpt.register_hooks(accelerator, accelerator.unwrap_model)
+    parts["model"] = model
+
+    global_step, first_epoch, start_update = 0, 0, 0
+    resume = ckpt.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and resume is None:
+        log.info(f"No complete checkpoint in {args.output_dir}; starting a new run")
+    if resume is not None:
+        log.info(f"Resuming from {resume}")
+        accelerator.load_state(str(resume))
+        state = ckpt.read_state(resume)
+        global_step = int(state["global_step"])
+        first_epoch, start_update = divmod(global_step, updates_per_epoch)
+
+    if accelerator.is_main_process:
+        cfg = {
+            k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+            for k, v in vars(args).items()
+        }
+        if report_to:
+            accelerator.init_trackers(
+                args.tracker_project_name, config={k: v for k, v in cfg.items() if v is not None}
+            )
+        with open(os.path.join(args.output_dir, "train_args.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2)
+    val_items, val_prompts = [], args.validation_prompt or list(VALIDATION_PROMPTS)
+    if args.validation_steps and accelerator.is_main_process and records:
+        val_items = validation_items(records, args.resolution, args.num_validation_faces)
+
+    log.info(
+        f"{len(ds)} items, {batches_per_epoch} batches/epoch/process, {world} processes, {max_steps} steps, "
+        f"{num_epochs} epochs; starting at step {global_step}"
+    )
+    cache = CondCache(args.cache_latents, args.cache_text_embeddings)
+    bar = tqdm(
+        range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    nonfinite_in_a_row = 0
+    sample_log = os.path.join(args.output_dir, "samples", f"rank-{rank}.jsonl")
+    if args.log_samples:
+        os.makedirs(os.path.dirname(sample_log), exist_ok=True)
+    unwrapped = accelerator.unwrap_model(model)
+
+    def state_dict_for(step):
+        return {"global_step": step, "epoch": step // updates_per_epoch, "batches_per_epoch": batches_per_epoch,
+                "gradient_accumulation_steps": accum, "world_size": world, "seed": args.seed}  # fmt: skip
+
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_steps:
+            break
+        first_u = start_update if epoch == first_epoch else 0
+        if args.cache_latents and hasattr(ds, "with_pixels"):
+            ds.with_pixels = len(cache.latents) < len(ds)
+        loader = iter(make_loader(epoch, first_u * accum))
+        for u in range(first_u, updates_per_epoch):
+            n_micro = min(accum, batches_per_epoch - u * accum)
+            t_step, data_time, bad, losses, step_samples = time.perf_counter(), 0.0, False, [], []
+            for m in range(n_micro):
+                t0 = time.perf_counter()
+                batch = next(loader)
+                data_time += time.perf_counter() - t0
+                micro = (epoch * batches_per_epoch) + u * accum + m
+                gen = micro_generator(args.seed, micro, rank, accelerator.device)
+                with accelerator.autocast():
+                    loss = compute_loss(batch, parts, args, gen, weight_dtype, cache)
+                flag = accelerator.reduce(
+                    torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=accelerator.device), "max"
+                )
+                if flag.item() > 0 or bad:
+                    bad = True
+                    continue
+                losses.append(loss.detach())
+                sync = m == n_micro - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    accelerator.backward(loss / n_micro)
+                step_samples.append({"index": list(batch["index"]), "ref_index": list(batch["ref_index"])})
+            grad_norm = None
+            if bad:
+                nonfinite_in_a_row += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning(
+                    f"step {global_step + 1}: non-finite loss; step skipped ({nonfinite_in_a_row} in a row)"
+                )
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row; stopping")
+            else:
+                nonfinite_in_a_row = 0
+                if args.max_grad_norm and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            bar.update(1)
+            if args.log_samples:
+                with open(sample_log, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": global_step, "rank": rank, "batches": step_samples}) + "\n")
+            step_time = time.perf_counter() - t_step
+            if not bad:
+                mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
+                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "data_time": data_time,
+                        "step_time": step_time,
+                        "samples_per_sec": n_micro * args.train_batch_size * world / max(step_time, 1e-9)}  # fmt: skip
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=global_step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                path = ckpt.save_checkpoint(
+                    accelerator,
+                    args.output_dir,
+                    global_step,
+                    state_dict_for(global_step),
+                    args.checkpoints_total_limit,
+                )
+                log.info(f"Saved {path}")
+            if (
+                args.validation_steps
+                and global_step % args.validation_steps == 0
+                and accelerator.is_main_process
+            ):
+                if val_items:
+                    out = run_validation(
+                        parts, unwrapped, val_items, val_prompts, args, global_step, accelerator, weight_dtype
+                    )
+                    log.info(f"Validation grid: {out}")
+            if global_step >= max_steps:
+                break
+            if args.stop_after_steps and global_step >= args.stop_after_steps:
+                log.warning(f"--stop_after_steps: stopping at step {global_step} without final export")
+                accelerator.end_training()
+                return global_step
+        del loader
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.export_weights(args.output_dir, unwrapped)
+        log.info(f"Final weights: {args.output_dir}/ip-adapter.bin, {args.output_dir}/ControlNetModel/")
+    accelerator.end_training()
+    return global_step
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -315,3 +315,142 @@ def test_unreadable_output_is_an_error_not_a_no_face(tmp_path):
     s = ev.summarize(rows)
     assert s["errors"] == 1 and s["no_face"] == 0 and s["face_sim"]["count"] == 2
     assert not math.isnan(s["face_sim"]["mean"])
+
+
+# --------------------------------------------------------------------------------------------------- protocol
+
+
+def test_shipped_protocol_is_valid(tmp_path):
+    from faceid import protocol
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    _img(1).save(faces / "alice.png")
+    proto = protocol.load_protocol(Path(__file__).parents[1] / "configs" / "eval_protocol.json", str(faces))
+    cats = {p["category"] for p in proto["prompts"]}
+    assert {"expression", "angle", "adornment", "style", "scene"} <= cats
+    assert all("{subject}" in p["prompt"] for p in proto["prompts"])
+    assert proto["identities"][0]["id"] == "alice" and protocol.seed_runs(proto["seeds"]) == [(42, 4)]
+    assert protocol.seed_runs([1, 2, 3, 7, 8, 10]) == [(1, 3), (7, 2), (10, 1)]
+
+
+def test_protocol_grid_calls_infer_and_merges(tmp_path, monkeypatch):
+    from faceid import protocol
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for name in ("bob", "carol"):
+        _img(len(name)).save(faces / f"{name}.png")
+    proto_path = tmp_path / "proto.json"
+    proto_path.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {"face_image": "bob.png", "subject": "a man"},
+                    {"id": "carol", "face_image": "carol.png"},
+                ],
+                "faces_dir": "faces",
+                "seeds": [5, 6, 9],
+                "prompts": [{"category": "style", "prompt": "sketch of {subject}"}, "{subject} on a beach"],
+                "generation": {"steps": 3, "width": 64, "height": 64},
+            }
+        )
+    )
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "ControlNetModel").mkdir(parents=True)
+    (ckpt / "ControlNetModel" / "config.json").write_text("{}")
+    (ckpt / "ip-adapter.bin").write_bytes(b"x")
+    calls = []
+
+    def fake_infer(argv):
+        import infer_from_pkl
+
+        a = infer_from_pkl.parse_args(argv)
+        calls.append(a)
+        out = Path(a.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        recs = []
+        for i, prompt in enumerate(a.prompt):
+            for n in range(a.num_images):
+                _img(i * 100 + a.seed + n).save(out / f"{i:02d}_{a.seed + n}.png")
+                recs.append(
+                    {
+                        "path": f"{i:02d}_{a.seed + n}.png",
+                        "prompt": prompt,
+                        "seed": a.seed + n,
+                        "face_image": a.face_image,
+                        "face_info": None,
+                    }
+                )
+        return recs
+
+    monkeypatch.setattr(protocol, "run_infer", fake_infer)
+    args = evaluate.parse_args(
+        [
+            "--protocol",
+            str(proto_path),
+            "--checkpoint",
+            f"mine={ckpt}",
+            "--base_model",
+            "BASE",
+            "--clip_i_baseline",
+            "--out",
+            str(tmp_path / "o"),
+            "--generate_only",
+        ]
+    )
+    inputs = evaluate.main(args)
+    main_calls = [a for a in calls if a.ip_adapter_scale != 0.0]
+    base_calls = [a for a in calls if a.ip_adapter_scale == 0.0]
+    assert len(main_calls) == 2 * 2  # identities x seed runs
+    # fixed size: baselines shared per subject ("a man", "a person") x seed runs
+    assert len(base_calls) == 2 * 2 and all(a.controlnet_conditioning_scale == 0.0 for a in base_calls)
+    a0 = main_calls[0]
+    assert (a0.face_adapter, a0.controlnet, a0.base_model) == (
+        str(ckpt / "ip-adapter.bin"),
+        str(ckpt / "ControlNetModel"),
+        "BASE",
+    )
+    assert (
+        a0.prompt == ["sketch of a man", "a man on a beach"] and a0.face_info == "none" and a0.skip_existing
+    )
+    assert (a0.seed, a0.num_images, a0.steps, a0.width, a0.height) == (5, 2, 3, 64, 64)
+    items = ev.load_items(inputs["mine"])
+    assert len(items) == 2 * 2 * 3
+    assert {it.group for it in items} == {"style", None}
+    assert all(Path(it.image).is_file() and Path(it.baseline).is_file() for it in items)
+    assert {Path(it.reference).name for it in items} == {"bob.png", "carol.png"}
+
+
+def test_protocol_end_to_end_on_tiny(tiny_clip, tmp_path):
+    from faceid.synthetic import write_synthetic_face
+
+    faces = tmp_path / "faces"
+    for k, name in enumerate(("ann", "ben")):
+        write_synthetic_face(faces / f"{name}.png", seed=k)
+    tiny = tmp_path / "tiny"
+    out = tmp_path / "eval"
+    argv = [
+        "--protocol",
+        str(Path(__file__).parents[1] / "configs" / "eval_protocol.json"),
+        "--tiny",
+        str(tiny),
+    ]
+    argv += [
+        "--faces_dir",
+        str(faces),
+        "--max_prompts",
+        "2",
+        "--max_seeds",
+        "2",
+        "--clip_i_baseline",
+        "--no_progress",
+    ]
+    argv += ["--clip_model", str(tiny_clip), "--face_root", str(tiny), "--out", str(out)]
+    summaries = evaluate.main(evaluate.parse_args(argv))
+    s = summaries["tiny"]
+    assert s["images"] == 2 * 2 * 2 and s["errors"] == 0
+    assert s["clip_t"]["count"] == 8 and s["clip_i"]["count"] == 8 and s["clip_i_baseline"]["count"] == 8
+    assert s["no_face"] + s["face_sim"]["count"] == 8
+    assert set(s["groups"]) == {"expression"}
+    assert (out / "per_image.csv").is_file() and (out / "summary.md").is_file()

@@ -43,13 +43,30 @@ class NoFaceModelError(FileNotFoundError):
 
 
 def cuda_usable() -> bool:
-    """True only when a CUDA device really exists (onnxruntime-gpu lists CUDA even on machines without one)."""
-    try:
-        import torch
+    """True only when a CUDA device really exists (onnxruntime-gpu lists CUDA even on machines without one).
 
-        return bool(torch.cuda.is_available())
-    except Exception:  # torch missing or broken: fall back to the driver's device node
-        return os.path.exists("/dev/nvidiactl") and os.path.exists("/dev/nvidia0")
+    Asks the driver (``libcuda``: ``cuInit`` + ``cuDeviceGetCount``) without importing torch; if the driver library
+    is absent there is no usable GPU."""
+    import ctypes
+
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+            break
+        except OSError:
+            continue
+    else:
+        return False
+    try:
+        count = ctypes.c_int(0)
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except Exception:  # unexpected driver: let torch decide if it is installed
+        try:
+            import torch
+
+            return bool(torch.cuda.is_available())
+        except Exception:
+            return False
 
 
 def choose_providers(device_id: int = 0) -> tuple[list[str], list[dict], int]:

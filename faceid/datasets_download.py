@@ -377,21 +377,31 @@ def download_dataset(
             for part in parts:
                 fetch(part)
     if build_index:
-        _build_index_hook(out)
+        _build_index_hook(out, INDEX_EXTRA_ARGS.get(key, []))
     return out
 
 
 # Flags passed to get_face_info.py's dataset mode; kept here so they are easy to adjust.
-def get_face_info_argv(out_dir: Path) -> list[str]:
-    return ["--dataset", os.fspath(out_dir / DATA_DIR), "--index", os.fspath(out_dir / INDEX_NAME)]
+INDEX_EXTRA_ARGS = {"faceid6m": ["--faceid6m_filters"]}
 
 
-def build_index(out_dir: str | os.PathLike):
-    """Write ``out_dir/index.jsonl`` (docs/design.md format) by running get_face_info.py's dataset mode."""
+def get_face_info_argv(out_dir: Path, extra_args: Sequence[str] = ()) -> list[str]:
+    return [
+        "--input",
+        os.fspath(out_dir / DATA_DIR),
+        "--output",
+        os.fspath(out_dir / INDEX_NAME),
+        *extra_args,
+    ]
+
+
+def build_index(out_dir: str | os.PathLike, extra_args: Sequence[str] = ()):
+    """Write ``out_dir/index.jsonl`` (+ ``embeddings/``, ``rejects.jsonl``; docs/design.md format) by running
+    get_face_info.py's dataset mode on ``out_dir/data`` (face models from its ``--root``, default ``./``)."""
     import get_face_info  # lazy: face analysis (onnxruntime, insightface) is only needed here
 
     out = Path(out_dir)
-    return get_face_info.main(get_face_info.parse_args(get_face_info_argv(out)))
+    return get_face_info.main(get_face_info.parse_args(get_face_info_argv(out, extra_args)))
 
 
 _build_index_hook = build_index  # indirection so tests can replace the hook

@@ -260,3 +260,50 @@ def test_chained_parts_reads_across_boundaries(tmp_path):
     reader = dd.ChainedParts(paths, on_done=lambda n, p: done.append(n))
     assert io.BufferedReader(reader, buffer_size=2).read() == b"abcdefghi"
     assert done == paths
+
+
+def test_build_index_hook_calls_get_face_info(hub, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    seen = []
+    fake = types.ModuleType("get_face_info")
+    fake.parse_args = lambda argv: argv
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "get_face_info", fake)
+    out = tmp_path / "out"
+    dd.download_dataset("faceid6m", out, build_index=True)
+    assert seen == [
+        ["--input", str(out / "data"), "--output", str(out / "index.jsonl"), "--faceid6m_filters"]
+    ]
+
+
+def test_hub_wrappers_call_huggingface_hub_correctly(monkeypatch):
+    import inspect
+
+    import huggingface_hub
+
+    real_download, real_list = huggingface_hub.hf_hub_download, huggingface_hub.HfApi.list_repo_files
+    seen = {}
+
+    def rec_download(*a, **k):
+        seen["download"] = inspect.signature(real_download).bind(*a, **k).arguments
+        return "/x"
+
+    def rec_list(self, *a, **k):
+        seen["list"] = inspect.signature(real_list).bind(self, *a, **k).arguments
+        seen["endpoint"] = self.endpoint
+        return ["a.tar.gz.aa"]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", rec_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", rec_list)
+    assert dd.list_repo_files("o/r", endpoint="https://m.example") == ["a.tar.gz.aa"]
+    assert seen["list"]["repo_type"] == "dataset" and seen["endpoint"] == "https://m.example"
+    dd.hf_hub_download("o/r", "a.tar.gz.aa", local_dir="/tmp/x", endpoint="https://m.example")
+    d = seen["download"]
+    assert (d["repo_type"], d["local_dir"], d["endpoint"], d["filename"]) == (
+        "dataset",
+        "/tmp/x",
+        "https://m.example",
+        "a.tar.gz.aa",
+    )

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from types import SimpleNamespace
 
 # ---- defaults (edit here) -----------------------------------------------------------------------------------
 MODEL_NAME = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -235,7 +236,10 @@ def main(args):
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report_to = None if args.report_to == "none" else args.report_to
+    # Several processes without CUDA (torchrun on CPU): gloo.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=multi_cpu,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(
@@ -327,6 +331,7 @@ def main(args):
         range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     nonfinite_in_a_row = 0
+    train_log = os.path.join(args.output_dir, "train_log.jsonl")
     sample_log = os.path.join(args.output_dir, "samples", f"rank-{rank}.jsonl")
     if args.log_samples:
         os.makedirs(os.path.dirname(sample_log), exist_ok=True)
@@ -384,8 +389,10 @@ def main(args):
             global_step += 1
             bar.update(1)
             if args.log_samples:
+                local = None if bad else float(torch.stack(losses).mean())
+                entry = {"step": global_step, "rank": rank, "loss": local, "batches": step_samples}
                 with open(sample_log, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": global_step, "rank": rank, "batches": step_samples}) + "\n")
+                    f.write(json.dumps(entry) + "\n")
             step_time = time.perf_counter() - t_step
             if not bad:
                 mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
@@ -395,6 +402,9 @@ def main(args):
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
                 accelerator.log(logs, step=global_step)
+                if accelerator.is_main_process:
+                    with open(train_log, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": global_step, **logs}) + "\n")
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 path = ckpt.save_checkpoint(
@@ -420,7 +430,7 @@ def main(args):
             if args.stop_after_steps and global_step >= args.stop_after_steps:
                 log.warning(f"--stop_after_steps: stopping at step {global_step} without final export")
                 accelerator.end_training()
-                return global_step
+                return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=False)
         del loader
 
     accelerator.wait_for_everyone()
@@ -428,7 +438,7 @@ def main(args):
         ckpt.export_weights(args.output_dir, unwrapped)
         log.info(f"Final weights: {args.output_dir}/ip-adapter.bin, {args.output_dir}/ControlNetModel/")
     accelerator.end_training()
-    return global_step
+    return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Everything is built from configs with fixed seeds, in seconds, and is a few mega
     DIR/checkpoints/ControlNetModel/    IdentityNet made from that UNet
     DIR/checkpoints/ip-adapter.bin      official layout for that UNet (Resampler 512 -> cross-attention width)
     DIR/models/antelopev2/              tiny detector + recognizer that insightface's FaceAnalysis loads
+    DIR/models/clip-vit-tiny/           tiny CLIPModel + tokenizer + preprocessor config (for evaluate.py)
 
 The real loading code is exercised on these; no weights are ever downloaded.
 """
@@ -24,6 +25,7 @@ BASE_DIRNAME = "stable-diffusion-xl-base-1.0"
 CONTROLNET_SUBDIR = "checkpoints/ControlNetModel"
 ADAPTER_FILE = "checkpoints/ip-adapter.bin"
 ANTELOPE_SUBDIR = "models/antelopev2"
+CLIP_SUBDIR = "models/clip-vit-tiny"
 
 TEXT_HIDDEN = 32  # each text encoder; UNet cross-attention width = 2 * TEXT_HIDDEN
 TIME_EMBED = 8
@@ -56,6 +58,7 @@ def tiny_paths(root: str | os.PathLike) -> dict[str, Path]:
         "controlnet": root / CONTROLNET_SUBDIR,
         "face_adapter": root / ADAPTER_FILE,
         "antelopev2": root / ANTELOPE_SUBDIR,
+        "clip": root / CLIP_SUBDIR,
         "face_root": root,
     }
 
@@ -229,6 +232,52 @@ def build_tiny_adapter(unet, path: str | os.PathLike, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 32) -> Path:
+    """A random tiny ``CLIPModel`` folder (model, byte-level tokenizer, preprocessor config) for evaluation."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    write_tiny_clip_tokenizer(out_dir)
+    tok = CLIPTokenizer.from_pretrained(out_dir)
+    special = dict(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        **special,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    preprocessor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "do_convert_rgb": True,
+    }
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    return out_dir
+
+
 def build_tiny(out_dir: str | os.PathLike, seed: int = 0, faces: bool = True) -> dict[str, Path]:
     """Build every tiny checkpoint under ``out_dir`` (idempotent: an existing complete build is reused)."""
     paths = tiny_paths(out_dir)
@@ -239,6 +288,7 @@ def build_tiny(out_dir: str | os.PathLike, seed: int = 0, faces: bool = True) ->
     pipe = build_tiny_sdxl(paths["base_model"], seed=seed)
     build_tiny_identitynet(pipe.unet, paths["controlnet"], seed=seed + 10)
     build_tiny_adapter(pipe.unet, paths["face_adapter"], seed=seed + 20)
+    build_tiny_clip(paths["clip"], seed=seed + 30)
     if faces:
         from faceid.tiny_antelope import build_tiny_antelopev2
 

@@ -422,13 +422,13 @@ def test_protocol_grid_calls_infer_and_merges(tmp_path, monkeypatch):
     assert {Path(it.reference).name for it in items} == {"bob.png", "carol.png"}
 
 
-def test_protocol_end_to_end_on_tiny(tiny_clip, tmp_path):
+def test_protocol_end_to_end_on_tiny(tiny_clip, tiny_dir, tmp_path):
     from faceid.synthetic import write_synthetic_face
 
     faces = tmp_path / "faces"
     for k, name in enumerate(("ann", "ben")):
         write_synthetic_face(faces / f"{name}.png", seed=k)
-    tiny = tmp_path / "tiny"
+    tiny = tiny_dir  # the session's tiny checkpoints (tests/conftest.py)
     out = tmp_path / "eval"
     argv = [
         "--protocol",

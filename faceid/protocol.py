@@ -196,6 +196,7 @@ def generate_grid(
             base_by_key = {(b["prompt"], b["seed"]): _abs(bdir, b["path"]) for b in base_records}
             for r in records:
                 entry = {
+                    "id": f"{ident['id']}/{Path(r['path']).stem}",
                     "path": _abs(sub, r["path"]),
                     "prompt": r["prompt"],
                     "seed": r["seed"],

@@ -420,6 +420,7 @@ def test_protocol_grid_calls_infer_and_merges(tmp_path, monkeypatch):
     assert {it.group for it in items} == {"style", None}
     assert all(Path(it.image).is_file() and Path(it.baseline).is_file() for it in items)
     assert {Path(it.reference).name for it in items} == {"bob.png", "carol.png"}
+    assert items[0].id == "bob/00_5" and len({it.id for it in items}) == len(items)
 
 
 def test_protocol_end_to_end_on_tiny(tiny_clip, tiny_dir, tmp_path):

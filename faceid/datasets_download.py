@@ -5,7 +5,8 @@ Layout under ``out_dir``::
     out_dir/raw/...            the repository files as on the Hub (archive parts, READMEs, caption files)
     out_dir/data/...           everything extracted from the archives
     out_dir/.extracted/X.done  one marker per archive once it is completely extracted (JSON: parts, members)
-    out_dir/index.jsonl        the training index, only with ``build_index=True`` (written by get_face_info.py)
+    out_dir/index/index.jsonl  the training index, only with ``build_index=True`` (written by get_face_info.py,
+                               with index/embeddings/ and index/rejects.jsonl)
 
 Split archives (``laion_1024.tar.gz.aa``, ``.ab``, ...; or ``.000``, ``.001``, ...) are extracted by streaming the
 parts in order through :class:`ChainedParts`, a read-only file-like object, into one
@@ -50,7 +51,7 @@ ALIASES = {"cross-faceid": "crossfaceid", "faceid-70k": "faceid70k", "faceid-6m"
 RAW_DIR = "raw"
 DATA_DIR = "data"
 MARKER_DIR = ".extracted"
-INDEX_NAME = "index.jsonl"
+INDEX_DIR = "index"  # get_face_info writes index/index.jsonl, index/embeddings/, index/rejects.jsonl
 
 _ARCHIVE_EXTS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 # "<archive>.<suffix>" where suffix is split(1)'s letters (aa, ab, ...) or digits (000, 001 / 00, 01 / 1, 2 ...).
@@ -390,13 +391,13 @@ def get_face_info_argv(out_dir: Path, extra_args: Sequence[str] = ()) -> list[st
         "--input",
         os.fspath(out_dir / DATA_DIR),
         "--output",
-        os.fspath(out_dir / INDEX_NAME),
+        os.fspath(out_dir / INDEX_DIR),
         *extra_args,
     ]
 
 
 def build_index(out_dir: str | os.PathLike, extra_args: Sequence[str] = ()):
-    """Write ``out_dir/index.jsonl`` (+ ``embeddings/``, ``rejects.jsonl``; docs/design.md format) by running
+    """Write ``out_dir/index/index.jsonl`` (+ ``embeddings/``, ``rejects.jsonl``; docs/design.md format) by running
     get_face_info.py's dataset mode on ``out_dir/data`` (face models from its ``--root``, default ``./``)."""
     import get_face_info  # lazy: face analysis (onnxruntime, insightface) is only needed here
 

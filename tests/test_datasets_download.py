@@ -273,9 +273,7 @@ def test_build_index_hook_calls_get_face_info(hub, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "get_face_info", fake)
     out = tmp_path / "out"
     dd.download_dataset("faceid6m", out, build_index=True)
-    assert seen == [
-        ["--input", str(out / "data"), "--output", str(out / "index.jsonl"), "--faceid6m_filters"]
-    ]
+    assert seen == [["--input", str(out / "data"), "--output", str(out / "index"), "--faceid6m_filters"]]
 
 
 def test_hub_wrappers_call_huggingface_hub_correctly(monkeypatch):

@@ -201,3 +201,62 @@ class FaceEmbedder:
         if many is None:
             return [self.embed(im) for im in images]
         return [self._result(f) for f in many(list(images))]
+
+
+def build_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A random tiny CLIPModel (32-px images, 16-d projections) plus a character-level CLIPTokenizer (no merges),
+    saved like a hub folder with a preprocessor_config.json: the offline stand-in for ViT-L/14 in tests and the
+    quickstart. Its scores are meaningless; the plumbing is the real one."""
+    path = Path(path)
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.'-!?"
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    bos, eos = len(vocab), len(vocab) + 1
+    vocab["<|startoftext|>"] = bos
+    vocab["<|endoftext|>"] = eos
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"))
+    special = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        **special,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "do_resize": True,
+                "size": {"shortest_edge": 32},
+                "do_center_crop": True,
+                "crop_size": {"height": 32, "width": 32},
+                "do_normalize": True,
+                "image_mean": list(CLIP_MEAN),
+                "image_std": list(CLIP_STD),
+                "resample": 3,
+                "do_convert_rgb": True,
+            }
+        )
+    )
+    return path

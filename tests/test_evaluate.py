@@ -17,65 +17,9 @@ from faceid import metrics
 # --------------------------------------------------------------------------------------------------- fixtures
 
 
-def build_tiny_clip(path: Path) -> Path:
-    """A random tiny CLIPModel plus a character-level CLIPTokenizer (no merges), saved like a hub folder."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.'-!?"
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab["<|startoftext|>"] = bos
-    vocab["<|endoftext|>"] = eos
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"))
-    special = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
-    text = dict(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        **special,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "do_resize": True,
-                "size": {"shortest_edge": 32},
-                "do_center_crop": True,
-                "crop_size": {"height": 32, "width": 32},
-                "do_normalize": True,
-                "image_mean": list(metrics.CLIP_MEAN),
-                "image_std": list(metrics.CLIP_STD),
-                "resample": 3,
-                "do_convert_rgb": True,
-            }
-        )
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
-    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+    return metrics.build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 @pytest.fixture(scope="module")

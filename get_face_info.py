@@ -18,6 +18,7 @@ when all items are committed. ``--merge_only`` merges whatever is committed. Rej
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ SHARD_SIZE = 1000  # items per committed part shard (what a kill can lose at mos
 FLUSH_SECONDS = 120.0  # also commit at least this often
 MERGE_SHARD_ROWS = 50_000  # rows per merged embeddings/shard-*.npy
 BATCH_SIZE = 16  # images per batched recognition call
-NUM_WORKERS = 4  # decoding threads
+NUM_WORKERS = None  # decode + detect threads (None: one per CPU core)
 MERGE_TIMEOUT = 7200.0  # rank 0 waits this long for the other ranks after finishing its own share
 SINGLE_IMAGE_SUFFIXES = (".pkl", ".npz")
 
@@ -80,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _analyzer(args):
+def _analyzer(args, threads: int | None = None):
     from faceid.face_analysis import FaceAnalyzer
 
     return FaceAnalyzer(
@@ -90,6 +91,7 @@ def _analyzer(args):
         det_thresh=args.det_thresh,
         verbose=args.verbose,
         rec_batch_size=max(args.batch_size, 1),
+        intra_op_threads=threads,
     )
 
 
@@ -146,8 +148,23 @@ def dataset(args) -> int:
     started = time.time()
     store.check_config(pp.run_config(args, filters))
     store.marker(world, rank).unlink(missing_ok=True)
+    # Throughput comes from several images in flight (one per worker), not from threads inside one image.
+    import cv2
+
+    cv2_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return _dataset_run(args, out, index_name, filters, merge_kw, store, rank, world, started)
+    finally:
+        cv2.setNumThreads(cv2_threads)
+
+
+def _dataset_run(args, out, index_name, filters, merge_kw, store, rank, world, started) -> int:
+    from faceid import preprocess as pp
+
     done = store.done_keys()
-    analyzer = _analyzer(args)
+    args.num_workers = args.num_workers or os.cpu_count() or 1
+    analyzer = _analyzer(args, threads=1)
     all_keys: set = set()
 
     def items():

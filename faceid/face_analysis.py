@@ -139,6 +139,16 @@ class Detections:
     tried_sizes: tuple[int, ...]
 
 
+@dataclass
+class Prepared:
+    """Detected and aligned, waiting for recognition (:meth:`FaceAnalyzer.finish`)."""
+
+    det: Detections
+    index: int
+    frame: tuple[int, int]
+    crop: np.ndarray | None
+
+
 def _as_bgr(image) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return to_bgr(load_image(image))
@@ -174,6 +184,7 @@ class FaceAnalyzer:
         device_id: int | None = None,
         verbose: bool = False,
         rec_batch_size: int = 64,
+        intra_op_threads: int | None = None,
     ):
         from insightface.app import FaceAnalysis
 
@@ -217,8 +228,27 @@ class FaceAnalyzer:
             self.app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=(self.det_size, self.det_size))
         self.det_model = self.app.det_model
         self.rec_model = self.app.models.get("recognition")
+        if intra_op_threads:
+            self._rebuild_sessions(int(intra_op_threads), provider_options)
         batch_dim = self.rec_model.input_shape[0] if self.rec_model is not None else 1
         self._rec_batched = not isinstance(batch_dim, int) or batch_dim != 1
+
+    def _rebuild_sessions(self, threads: int, provider_options) -> None:
+        """Recreate the ONNX sessions (same files, same routing) with ``threads`` intra-op threads and no spinning,
+        for throughput with several images in flight (dataset mode on CPU)."""
+        import onnxruntime
+
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for model in self.app.models.values():
+            model.session = onnxruntime.InferenceSession(
+                model.model_file,
+                sess_options=opts,
+                providers=self.providers,
+                provider_options=provider_options,
+            )
 
     # ----------------------------------------------------------------------------------------------- detection
     def detect(self, bgr: np.ndarray) -> Detections:
@@ -288,23 +318,29 @@ class FaceAnalyzer:
         result = self.analyze_full(image)
         return result if result else None
 
+    def prepare(self, image) -> Prepared | NoFace:
+        """Detection, choice of the largest face and alignment (thread-safe: call it from decode workers);
+        finish with :meth:`finish`, which runs the batched recognition."""
+        bgr = _as_bgr(image)
+        det, i = self._pick(bgr)
+        if i is None:
+            return det
+        crop = self.align(bgr, det.kpss[i]) if self.rec_model is not None else None
+        return Prepared(det, i, (bgr.shape[1], bgr.shape[0]), crop)
+
+    def finish(self, prepared) -> list[FaceResult | NoFace]:
+        """One batched recognition over the crops of :meth:`prepare` results; one result each, in order."""
+        crops = [p.crop for p in prepared if p and p.crop is not None]
+        embs = iter(self.embed_crops(crops))
+        out = []
+        for p in prepared:
+            if not p:
+                out.append(p)
+                continue
+            emb = next(embs) if p.crop is not None else np.zeros(512, np.float32)
+            out.append(self._result(p.det, p.index, p.frame, emb))
+        return out
+
     def analyze_many(self, images) -> list[FaceResult | NoFace]:
         """Analyze several images with one batched recognition pass; one result per image, in order."""
-        picks, crops = [], []
-        for image in images:
-            bgr = _as_bgr(image)
-            det, i = self._pick(bgr)
-            frame = (bgr.shape[1], bgr.shape[0])
-            picks.append((det, i, frame))
-            if i is not None and self.rec_model is not None:
-                crops.append(self.align(bgr, det.kpss[i]))
-        embs = self.embed_crops(crops) if self.rec_model is not None else None
-        out, k = [], 0
-        for det, i, frame in picks:
-            if i is None:
-                out.append(det)
-                continue
-            emb = embs[k] if embs is not None else np.zeros(512, np.float32)
-            k += 1
-            out.append(self._result(det, i, frame, emb))
-        return out
+        return self.finish([self.prepare(image) for image in images])

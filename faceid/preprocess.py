@@ -87,10 +87,12 @@ class Loaded:
     size: tuple[int, int] = (0, 0)
     reason: str | None = None
     detail: str = ""
+    prepared: object = None  # FaceAnalyzer.prepare result (or the exception it raised)
 
 
-def load_item(item: SourceItem, filters: Filters, max_pixels: int) -> Loaded:
-    """Decode one item (runs in the prefetch threads); a failure becomes a reject reason, never an exception."""
+def load_item(item: SourceItem, filters: Filters, max_pixels: int, analyzer=None) -> Loaded:
+    """Decode one item and, with ``analyzer``, detect and align its face (runs in the worker threads); a failure
+    becomes a reject reason, never an exception."""
     if item.error:
         code, _, detail = item.error.partition(": ")
         return Loaded(item, reason=code, detail=detail or item.error)
@@ -105,7 +107,14 @@ def load_item(item: SourceItem, filters: Filters, max_pixels: int) -> Loaded:
     w, h = img.size
     if filters.min_side and min(w, h) < filters.min_side:
         return Loaded(item, size=(w, h), reason="too_small", detail=f"{w}x{h} < min side {filters.min_side}")
-    return Loaded(item, bgr=to_bgr(img), size=(w, h))
+    loaded = Loaded(item, bgr=to_bgr(img), size=(w, h))
+    if analyzer is not None:
+        try:
+            loaded.prepared = analyzer.prepare(loaded.bgr)
+        except Exception as exc:
+            loaded.prepared = exc
+        loaded.bgr = None  # only the 112x112 crop is kept
+    return loaded
 
 
 class RankRunner:
@@ -193,15 +202,20 @@ class RankRunner:
     # ------------------------------------------------------------------------------------------ analysis
     def _analyze(self, batch: list[Loaded]) -> None:
         good = [ld for ld in batch if ld.reason is None]
+        todo = [
+            ld for ld in good if ld.prepared is None
+        ]  # not prepared in the worker (no analyzer given there)
+        for ld in todo:
+            try:
+                ld.prepared = self.analyzer.prepare(ld.bgr)
+            except Exception as exc:
+                ld.prepared = exc
+        ready = [ld.prepared for ld in good if not isinstance(ld.prepared, Exception)]
         try:
-            results = self.analyzer.analyze_many([ld.bgr for ld in good])
-        except Exception:  # one bad image must not sink the batch: redo one by one
-            results = []
-            for ld in good:
-                try:
-                    results.append(self.analyzer.analyze_many([ld.bgr])[0])
-                except Exception as exc:
-                    results.append(exc)
+            finished = iter(self.analyzer.finish(ready))
+            results = [ld.prepared if isinstance(ld.prepared, Exception) else next(finished) for ld in good]
+        except Exception as exc:  # recognition failed for the batch: report it on each item
+            results = [exc for _ in good]
         res_of = {id(ld): r for ld, r in zip(good, results)}
         f = self.filters
         for ld in batch:  # keep item order
@@ -250,7 +264,7 @@ class RankRunner:
                 pending: deque = deque()
                 batch: list[Loaded] = []
                 for item in mine:
-                    pending.append(pool.submit(load_item, item, self.filters, self.max_pixels))
+                    pending.append(pool.submit(load_item, item, self.filters, self.max_pixels, self.analyzer))
                     while len(pending) >= prefetch:
                         batch.append(pending.popleft().result())
                         if len(batch) >= self.batch_size:

@@ -1,8 +1,5 @@
-"""Shared fixtures for tests/test_train_*.py: tiny models (via tests/conftest.py's ``tiny_dir`` when present)
-and small synthetic datasets in every supported index format.
-
-Import with ``from conftest_train import *`` (tests/ is on sys.path under pytest's rootdir conftest rules).
-"""
+"""Shared helpers for tests/test_train_*.py: small synthetic datasets in every supported index format and the
+command line of a fast run on the tiny models (tests/conftest.py's session fixture ``tiny_dir``)."""
 
 from __future__ import annotations
 
@@ -11,7 +8,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 KPS = [[20.0, 22.0], [42.0, 22.0], [31.0, 32.0], [22.0, 44.0], [40.0, 44.0]]
@@ -125,19 +121,6 @@ def make_faceid6m_dataset(root: Path, n: int = 4):
         lines.append(json.dumps({"caption": "a person on a beach", "kps": KPS}))
     (root / "part-0.jsonl").write_text("\n".join(lines) + "\n")
     return root
-
-
-@pytest.fixture(scope="session")
-def train_tiny_dir(request, tmp_path_factory):
-    """The tiny checkpoints: tests/conftest.py's ``tiny_dir`` if it exists, else built here once."""
-    try:
-        return Path(request.getfixturevalue("tiny_dir"))
-    except pytest.FixtureLookupError:
-        from faceid.tiny import build_tiny
-
-        out = tmp_path_factory.mktemp("tiny_train")
-        build_tiny(out, faces=False)
-        return out
 
 
 def tiny_args(tiny: Path, out: Path, *extra: str) -> list[str]:

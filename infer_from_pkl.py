@@ -94,8 +94,15 @@ def apply_tiny(args) -> None:
 
     paths = tiny_paths(args.tiny)
     build_tiny(args.tiny)
-    args.base_model, args.controlnet = str(paths["base_model"]), str(paths["controlnet"])
-    args.face_adapter, args.face_root = str(paths["face_adapter"]), str(paths["face_root"])
+    # Only paths left at their defaults point into DIR: a trained --face_adapter/--controlnet is kept.
+    for attr, default, key in (
+        ("base_model", BASE_MODEL_PATH, "base_model"),
+        ("controlnet", CONTROLNET_PATH, "controlnet"),
+        ("face_adapter", FACE_ADAPTER, "face_adapter"),
+        ("face_root", ".", "face_root"),
+    ):
+        if getattr(args, attr) == default:
+            setattr(args, attr, str(paths[key]))
     if args.face_image == FACE_IMAGE:
         from faceid.face_info import save_face_info
         from faceid.synthetic import synthetic_face_array, write_synthetic_face
@@ -216,7 +223,11 @@ def main(args):
                     else str(Path(args.face_info).resolve()),
                 }
             )
-    settings = {k: v for k, v in vars(args).items()}
+    settings = dict(vars(args))
+    for key in ("face_image", "face_info", "face_adapter", "controlnet", "base_model"):
+        value = settings.get(key)
+        if value and str(value).lower() != "none" and Path(value).exists():
+            settings[key] = str(Path(value).resolve())
     settings.update(
         prompts=prompts,
         width=width,

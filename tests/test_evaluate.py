@@ -13,13 +13,14 @@ from PIL import Image
 import evaluate
 from faceid import evaluation as ev
 from faceid import metrics
+from faceid.tiny import build_tiny_clip
 
 # --------------------------------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
-    return metrics.build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 @pytest.fixture(scope="module")

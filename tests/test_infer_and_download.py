@@ -118,9 +118,17 @@ def test_infer_names_missing_files_and_bad_sizes(tiny_paths, tmp_path):
 
 
 def test_infer_tiny_flag_runs_offline(tiny_dir, tmp_path):
+    import shutil
+
     argv = ["--tiny", str(tiny_dir), "--output_dir", str(tmp_path / "t"), "--prompt", "a portrait"]
     records = infer_from_pkl.main(infer_from_pkl.parse_args(argv))
     assert len(records) == 1 and (tmp_path / "t" / records[0]["path"]).is_file()
+    # An explicit (e.g. trained) adapter is kept; only the paths left at their defaults come from --tiny.
+    trained = shutil.copy(tiny_dir / "checkpoints" / "ip-adapter.bin", tmp_path / "trained.bin")
+    infer_from_pkl.main(infer_from_pkl.parse_args(argv + ["--face_adapter", str(trained)]))
+    settings = json.loads((tmp_path / "t" / "settings.json").read_text())
+    assert settings["face_adapter"] == str(trained)
+    assert settings["controlnet"] == str(tiny_dir / "checkpoints" / "ControlNetModel")
 
 
 def test_download_tiny(tmp_path, capsys):

@@ -27,6 +27,7 @@ import functools
 import glob
 import json
 import os
+import threading
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -222,6 +223,9 @@ def read_records(
 # Embeddings
 
 
+_TORCH_LOAD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=64)
 def _npy(path: str):
     return np.load(path, mmap_mode="r", allow_pickle=False)
@@ -237,7 +241,8 @@ def _torch_load(path: str):
             break
         except (ImportError, AttributeError):
             continue
-    with torch.serialization.safe_globals(safe):
+    # safe_globals edits process-wide state on enter/exit: serialise it across the check's threads.
+    with _TORCH_LOAD_LOCK, torch.serialization.safe_globals(safe):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict):
         for k in ("embedding", "face_id_embed", "feature"):

@@ -19,8 +19,7 @@ from faceid.transforms import (
     kps_image,
     nearest_bucket,
     plan_crop,
-    to_tensor_cond,
-    to_tensor_pixels,
+    to_chw_uint8,
     tokenize,
     transform_kps,
 )
@@ -95,9 +94,9 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         out = {}
         if self.with_pixels:
             image = image or load_image(rec.image)
-            out["pixel_values"] = to_tensor_pixels(apply_image(image, plan))
+            out["pixel_values"] = to_chw_uint8(apply_image(image, plan))
         kps = transform_kps(rec.kps, plan)
-        out["kps_image"] = to_tensor_cond(kps_image(kps, plan))
+        out["kps_image"] = to_chw_uint8(kps_image(kps, plan))
         kind, ref = self.picker.pick(index, sample_rng(self.seed, epoch, index, SALT_REF))
         ref_index = ref if kind == "index" else -1
         spec = self.records[ref].embedding if kind == "index" else ref

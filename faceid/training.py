@@ -182,13 +182,15 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
     """One micro-batch: encode, noise, predict, MSE (optionally min-SNR weighted). Returns the mean loss."""
     from diffusers.training_utils import compute_snr
 
+    from faceid.transforms import cond_to_float, pixels_to_float
+
     vae, sched, model = parts["vae"], parts["noise_scheduler"], parts["model"]
     device = generator.device
     idx = batch["index"]
     if cache is not None and cache.use_latents and all(i in cache.latents for i in idx):
         params = torch.stack([cache.latents[i] for i in idx]).to(device)
     else:
-        params = encode_latent_params(vae, batch["pixel_values"])
+        params = encode_latent_params(vae, pixels_to_float(batch["pixel_values"].to(device)))
         if cache is not None and cache.use_latents:
             for i, p in zip(idx, params.cpu()):
                 cache.latents[i] = p
@@ -224,7 +226,7 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
         prompt_embeds.to(device, weight_dtype),
         added,
         batch["face_embeds"].to(device),
-        batch["kps_image"].to(device),
+        cond_to_float(batch["kps_image"].to(device)),
     )
     if sched.config.prediction_type == "v_prediction":
         target = sched.get_velocity(latents, noise, timesteps)

@@ -42,8 +42,7 @@ from faceid.transforms import (
     cfg_drop,
     kps_image,
     plan_crop,
-    to_tensor_cond,
-    to_tensor_pixels,
+    to_chw_uint8,
     tokenize,
     transform_kps,
 )
@@ -290,8 +289,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             emb = np.load(io.BytesIO(read(emb_src)), allow_pickle=False)
         caption = "" if drop_text else meta["caption"]
         out = {
-            "pixel_values": to_tensor_pixels(apply_image(image, plan)),
-            "kps_image": to_tensor_cond(kps_image(kps, plan)),
+            "pixel_values": to_chw_uint8(apply_image(image, plan)),
+            "kps_image": to_chw_uint8(kps_image(kps, plan)),
             "face_embeds": torch.from_numpy(np.array(emb, dtype=np.float32).reshape(512)),
             "caption": caption,
             "index": g,

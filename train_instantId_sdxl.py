@@ -219,7 +219,7 @@ def main(args):
     import torch
     from accelerate import Accelerator
     from accelerate.logging import get_logger
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedType, ProjectConfiguration
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -263,6 +263,10 @@ def main(args):
         args, (parts["tokenizer"], parts["tokenizer_2"]), rank, world, log
     )
     accum = max(1, args.gradient_accumulation_steps)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accum > 1:
+        raise ValueError(
+            "with DeepSpeed set gradient_accumulation_steps in its config and pass --gradient_accumulation_steps 1"
+        )
     updates_per_epoch = math.ceil(batches_per_epoch / accum)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
@@ -319,8 +323,11 @@ def main(args):
         with open(os.path.join(args.output_dir, "train_args.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
     val_items, val_prompts = [], args.validation_prompt or list(VALIDATION_PROMPTS)
-    if args.validation_steps and accelerator.is_main_process and records:
-        val_items = validation_items(records, args.resolution, args.num_validation_faces)
+    if args.validation_steps and accelerator.is_main_process:
+        if records:
+            val_items = validation_items(records, args.resolution, args.num_validation_faces)
+        else:
+            log.warning("validation uses faces from an index; with --train_shards it is skipped")
 
     log.info(
         f"{len(ds)} items, {batches_per_epoch} batches/epoch/process, {world} processes, {max_steps} steps, "

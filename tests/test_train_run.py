@@ -147,7 +147,8 @@ def test_train_other_formats_fresh_models_and_flags(tiny_dir, tmp_path, fmt):
 
         records, _ = load_checked_records(str(make_index_dataset(tmp_path / "d")))
         write_shards(records, tmp_path / "shards", samples_per_shard=3)
-        data = ["--train_shards", str(tmp_path / "shards"), "--cross_id", "--random_crop"]
+        data = ["--train_shards", str(tmp_path / "shards"), "--cross_id", "--random_crop",
+                "--mixed_precision", "bf16", "--gradient_checkpointing"]  # fmt: skip
     out = tmp_path / "out"
     if fmt == "mfacetech":
         args = tiny_args(tiny, out, *data, *extra, "--max_train_steps", "2")
@@ -179,6 +180,11 @@ def test_train_other_formats_fresh_models_and_flags(tiny_dir, tmp_path, fmt):
         assert max_diff(ip, base_ip) > 0
     if fmt == "faceid6m":
         assert res.global_step == 4  # 2 epochs x 2 batches
+    if fmt == "shards":  # bf16: frozen UNet in bf16, everything trained kept in fp32
+        m = res.model
+        assert m.unet.conv_in.weight.dtype == torch.bfloat16
+        assert m.controlnet.conv_in.weight.dtype == m.image_proj.proj_in.weight.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for n, p in m.unet.named_parameters() if "_ip." in n)
 
 
 def test_exact_resume_latest_partial_and_pruning(tiny_dir, index_data, tmp_path):

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Train InstantID (Resampler + face IP layers + IdentityNet) on SDXL. Every variable below can be edited here or
+# set in the environment (e.g. `JSON_FILE=... CROSS_ID=1 NUM_GPUS=8 bash train_instantId_sdxl.sh`).
+# Extra arguments are passed on to train_instantId_sdxl.py (e.g. `bash train_instantId_sdxl.sh --max_train_steps 10`).
+# See docs/training.md for multi-node, DeepSpeed and the memory table.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# ---- models ----------------------------------------------------------------------------------------------
+MODEL_NAME=${MODEL_NAME:-"stabilityai/stable-diffusion-xl-base-1.0"}   # SDXL diffusers folder or hub id
+CONTROLNET_NAME=${CONTROLNET_NAME:-"checkpoints/ControlNetModel"}      # IdentityNet; "" = initialise from the UNet
+ADAPTOR_NAME=${ADAPTOR_NAME:-"checkpoints/ip-adapter.bin"}             # face adapter; "" = fresh Resampler/IP layers
+VAE_NAME=${VAE_NAME:-""}                                              # e.g. madebyollin/sdxl-vae-fp16-fix
+
+# ---- data (one of JSON_FILE / DATA_DIR / SHARDS) ---------------------------------------------------------
+# JSON_FILE: get_face_info.py index, MFaceTech JSONL or seed-repo JSONL; DATA_DIR: extracted FaceID-6M/70K folder;
+# SHARDS: folder written by `python -m faceid.webdataset_shards --data_json_file ... --out SHARDS`.
+JSON_FILE=${JSON_FILE:-"data/crossfaceid/index/index.jsonl"}
+DATA_DIR=${DATA_DIR:-""}
+SHARDS=${SHARDS:-""}
+ROOT_DATA_DIR=${ROOT_DATA_DIR:-""}          # root for relative paths (MFaceTech's --data_root_path)
+CROSS_ID=${CROSS_ID:-1}                      # 1: face embedding from another image of the same person
+CROSS_ID_PROB=${CROSS_ID_PROB:-1.0}
+
+# ---- output and schedule ---------------------------------------------------------------------------------
+OUTPUT_DIR=${OUTPUT_DIR:-"output/instantid-crossid"}
+RESOLUTION=${RESOLUTION:-1024}
+BATCH_SIZE=${BATCH_SIZE:-2}                  # per GPU
+GRAD_ACCUM=${GRAD_ACCUM:-1}
+LEARNING_RATE=${LEARNING_RATE:-1e-5}
+MAX_STEPS=${MAX_STEPS:-100000}
+CHECKPOINT_STEPS=${CHECKPOINT_STEPS:-2000}
+CHECKPOINTS_LIMIT=${CHECKPOINTS_LIMIT:-5}
+VALIDATION_STEPS=${VALIDATION_STEPS:-2000}
+MIXED_PRECISION=${MIXED_PRECISION:-"fp16"}   # fp16 | bf16 | no
+WORKERS=${WORKERS:-8}
+RESUME=${RESUME:-"latest"}                   # latest | path | "" (start fresh)
+
+# ---- launch ----------------------------------------------------------------------------------------------
+NUM_GPUS=${NUM_GPUS:-1}                      # per node
+NUM_NODES=${NUM_NODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MAIN_ADDR=${MAIN_ADDR:-"127.0.0.1"}
+MAIN_PORT=${MAIN_PORT:-29500}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-""}   # e.g. configs/accelerate/deepspeed_zero2.yaml
+
+args=(
+  --pretrained_model_name_or_path "$MODEL_NAME"
+  --output_dir "$OUTPUT_DIR"
+  --resolution "$RESOLUTION"
+  --train_batch_size "$BATCH_SIZE"
+  --gradient_accumulation_steps "$GRAD_ACCUM"
+  --learning_rate "$LEARNING_RATE"
+  --max_train_steps "$MAX_STEPS"
+  --checkpointing_steps "$CHECKPOINT_STEPS"
+  --checkpoints_total_limit "$CHECKPOINTS_LIMIT"
+  --validation_steps "$VALIDATION_STEPS"
+  --mixed_precision "$MIXED_PRECISION"
+  --dataloader_num_workers "$WORKERS"
+  --gradient_checkpointing
+)
+[ -n "$CONTROLNET_NAME" ] && args+=(--controlnet_model_name_or_path "$CONTROLNET_NAME")
+[ -n "$ADAPTOR_NAME" ] && args+=(--pretrained_ip_adapter_path "$ADAPTOR_NAME")
+[ -n "$VAE_NAME" ] && args+=(--pretrained_vae_model_name_or_path "$VAE_NAME")
+[ -n "$ROOT_DATA_DIR" ] && args+=(--data_root_path "$ROOT_DATA_DIR")
+if [ -n "$SHARDS" ]; then
+  args+=(--train_shards "$SHARDS")
+elif [ -n "$DATA_DIR" ]; then
+  args+=(--train_data_dir "$DATA_DIR")
+else
+  args+=(--data_json_file "$JSON_FILE")
+fi
+[ "$CROSS_ID" = "1" ] && args+=(--cross_id --cross_id_prob "$CROSS_ID_PROB")
+[ -n "$RESUME" ] && args+=(--resume_from_checkpoint "$RESUME")
+
+TOTAL=$((NUM_GPUS * NUM_NODES))
+launch=(accelerate launch --mixed_precision "$MIXED_PRECISION")
+if [ -n "$ACCELERATE_CONFIG" ]; then
+  launch+=(--config_file "$ACCELERATE_CONFIG" --num_processes "$TOTAL" --num_machines "$NUM_NODES"
+           --machine_rank "$NODE_RANK" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT")
+elif [ "$TOTAL" -gt 1 ]; then
+  launch+=(--multi_gpu --num_processes "$TOTAL" --num_machines "$NUM_NODES" --machine_rank "$NODE_RANK"
+           --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT")
+else
+  launch+=(--num_processes 1 --num_machines 1)
+fi
+
+echo "OUTPUT_DIR: $OUTPUT_DIR ($TOTAL processes)"
+exec "${launch[@]}" train_instantId_sdxl.py "${args[@]}" "$@"

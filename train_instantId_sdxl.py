@@ -236,6 +236,11 @@ def main(args):
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report_to = None if args.report_to == "none" else args.report_to
+    if not torch.distributed.is_initialized():
+        # main() may run several times in one process (tests, notebooks): start from a clean accelerate state.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     # Several processes without CUDA (torchrun on CPU): gloo.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
@@ -309,6 +314,16 @@ def main(args):
         accelerator.load_state(str(resume))
         state = ckpt.read_state(resume)
         global_step = int(state["global_step"])
+        now = {
+            "batches_per_epoch": batches_per_epoch,
+            "gradient_accumulation_steps": accum,
+            "world_size": world,
+        }
+        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) not in (None, v)}
+        if changed:
+            log.warning(
+                f"resuming with a different setup {changed}: the data order will not continue exactly"
+            )
         first_epoch, start_update = divmod(global_step, updates_per_epoch)
 
     if accelerator.is_main_process:

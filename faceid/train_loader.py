@@ -93,7 +93,8 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         plan = self.plan(index, epoch)
         out = {}
         if self.with_pixels:
-            image = image or load_image(rec.image)
+            if image is None:
+                image = load_image(rec.image)
             out["pixel_values"] = to_chw_uint8(apply_image(image, plan))
         kps = transform_kps(rec.kps, plan)
         out["kps_image"] = to_chw_uint8(kps_image(kps, plan))

@@ -6,6 +6,7 @@ over the decompression-bomb limit are refused with a clear error instead of a wa
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -35,21 +36,31 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open ``path`` as an 8-bit RGB PIL image with EXIF orientation applied.
+def load_image(path, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Open ``path`` (a path, ``bytes`` or a binary file object) as an 8-bit RGB PIL image with EXIF
+    orientation applied.
 
-    Raises :class:`ImageLoadError` naming the file for a missing, empty, corrupt, truncated, oversized or
-    non-image file.
+    Raises :class:`ImageLoadError` naming the file (or ``name``) for a missing, empty, corrupt, truncated,
+    oversized or non-image file.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ImageLoadError(f"{path}: file not found")
-    if os.path.getsize(path) == 0:
-        raise ImageLoadError(f"{path}: empty file (0 bytes)")
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        if len(path) == 0:
+            raise ImageLoadError(f"{name or '<bytes>'}: empty image data (0 bytes)")
+        source = io.BytesIO(path)
+        path = name or "<bytes>"
+    elif hasattr(path, "read"):
+        source, path = path, name or getattr(path, "name", "<stream>")
+    else:
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise ImageLoadError(f"{path}: file not found")
+        if os.path.getsize(path) == 0:
+            raise ImageLoadError(f"{path}: empty file (0 bytes)")
+        source = path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageLoadError(f"{path}: {w}x{h} is over the {max_pixels}-pixel limit")

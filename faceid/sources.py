@@ -144,6 +144,12 @@ def find_faceid6m_jsonl(folder: str | os.PathLike) -> Path:
     return found[0]
 
 
+def faceid6m_index_base(folder: str | os.PathLike) -> int:
+    """Number of the first line's image: 0 (the datasets' README: line 0 ↔ ``0.png``) unless only ``1.png`` exists."""
+    folder = Path(folder)
+    return 0 if (folder / "0.png").exists() or not (folder / "1.png").exists() else 1
+
+
 def iter_faceid6m(
     folder: str | os.PathLike, jsonl: str | os.PathLike | None = None, index_base: int | None = None
 ) -> Iterator[SourceItem]:
@@ -152,7 +158,7 @@ def iter_faceid6m(
     folder = Path(folder)
     jsonl = Path(jsonl) if jsonl else find_faceid6m_jsonl(folder)
     if index_base is None:
-        index_base = 0 if (folder / "0.png").exists() or not (folder / "1.png").exists() else 1
+        index_base = faceid6m_index_base(folder)
     with open(jsonl, encoding="utf-8", errors="replace") as fh:
         yield from _faceid6m_lines(folder, jsonl, fh, index_base)
 

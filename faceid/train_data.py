@@ -187,14 +187,18 @@ def read_records(
     records: list[Record] = []
     bad: list[tuple[str, str]] = []
     if fmt == "faceid6m":
+        from faceid.sources import faceid6m_index_base
+
         for jsonl, folder in _faceid6m_files(path):
+            base = faceid6m_index_base(folder)
             with open(jsonl, encoding="utf-8") as f:
-                for n, line in enumerate(f):
-                    source = f"{jsonl}:{n + 1}"
+                for n0, line in enumerate(f):
+                    n = n0 + base
+                    source = f"{jsonl}:{n0 + 1}"
                     try:
                         obj = json.loads(line)
                         obj = dict(obj) if isinstance(obj, dict) else obj
-                        obj.setdefault("image", os.path.join(folder, f"{n}.png"))
+                        obj["image"] = os.path.join(folder, f"{n}.png")  # paths inside the jsonl are ignored
                         obj.setdefault("embedding", os.path.join(folder, f"{n}.npy"))
                         stem = os.path.splitext(os.path.basename(jsonl))[0]
                         rec = _record_from(obj, "index", folder, source, f"{stem}/{n}")

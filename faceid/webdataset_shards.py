@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from faceid.images import load_image
 from faceid.io_utils import atomic_path, write_json_atomic
 from faceid.train_data import Record, load_embedding, sample_rng
 from faceid.train_loader import SALT_CROP, SALT_DROP, SALT_REF, collate
@@ -56,8 +57,6 @@ FORMAT = "instantid-wds-1"
 
 
 def _image_bytes(path: str) -> tuple[bytes, str]:
-    from faceid.images import load_image
-
     with Image.open(path) as img:
         fmt = (img.format or "").upper()
         clean = img.mode == "RGB" and img.getexif().get(0x0112, 1) == 1
@@ -261,7 +260,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
         meta = json.loads(read("json"))
         img_ext = next(e for e in ("jpg", "png", "webp", "jpeg") if e in files)
-        image = Image.open(io.BytesIO(read(img_ext))).convert("RGB")
+        image = load_image(read(img_ext), name=f"{self.shards[shard]['file']}:{g:09d}.{img_ext}")
         plan = plan_crop(
             image.width,
             image.height,

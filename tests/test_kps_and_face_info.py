@@ -119,3 +119,22 @@ def test_face_info_refuses_code_and_names_problems(tmp_path):
         pickle.dump({"embedding": np.zeros(128), "kps": np.zeros((5, 2))}, fh)
     with pytest.raises(FaceInfoError, match="short.pkl.*128 values, expected 512"):
         load_face_info(tmp_path / "short.pkl")
+
+
+def test_load_image_from_bytes_and_streams(tmp_path):
+    import io
+
+    from faceid.images import ImageLoadError, load_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((6, 4), 7, np.uint8), "L").save(buf, format="PNG")
+    data = buf.getvalue()
+    (tmp_path / "g.png").write_bytes(data)
+    from_path = np.asarray(load_image(tmp_path / "g.png"))
+    np.testing.assert_array_equal(np.asarray(load_image(data)), from_path)
+    np.testing.assert_array_equal(np.asarray(load_image(io.BytesIO(data))), from_path)
+    assert from_path.shape == (6, 4, 3)
+    with pytest.raises(ImageLoadError, match="shard-0:12.png: not an image"):
+        load_image(b"not an image", name="shard-0:12.png")
+    with pytest.raises(ImageLoadError, match="empty image data"):
+        load_image(b"")

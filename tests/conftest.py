@@ -43,3 +43,29 @@ def tiny_pipe(tiny_paths):
         device="cpu",
         progress=False,
     )
+
+
+class _RunsCode:
+    """Unpickling this runs ``touch MARKER``: what a malicious face-info or checkpoint file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def evil_pickle(tmp_path):
+    """``write(path, key, **other_entries)`` writes a pickled dict whose ``key`` runs code when unpickled;
+    returns the marker path the code would create (it must never exist)."""
+    import pickle
+
+    marker = tmp_path / "code-ran"
+
+    def write(path: Path, key: str, **others) -> Path:
+        with open(path, "wb") as fh:
+            pickle.dump({key: _RunsCode(marker), **others}, fh)
+        return marker
+
+    return write

@@ -84,15 +84,8 @@ def test_infer_end_to_end_writes_images_and_settings(tiny_paths, tmp_path):
     assert kps[int(40 * 64 / 128), int(30 * 64 / 96)].any()
 
 
-def test_infer_refuses_code_in_pickle(tiny_paths, tmp_path):
-    marker = tmp_path / "ran"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    with open(tmp_path / "evil.pkl", "wb") as fh:
-        pickle.dump({"embedding": Evil(), "kps": np.zeros((5, 2))}, fh)
+def test_infer_refuses_code_in_pickle(tiny_paths, tmp_path, evil_pickle):
+    marker = evil_pickle(tmp_path / "evil.pkl", "embedding", kps=np.zeros((5, 2)))
     with pytest.raises(SystemExit, match="evil.pkl: unsafe or invalid pickle"):
         infer_from_pkl.main(
             infer_from_pkl.parse_args(infer_argv(tiny_paths, tmp_path, tmp_path / "evil.pkl"))

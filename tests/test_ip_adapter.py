@@ -211,18 +211,8 @@ def test_flat_and_nested_forms_and_clear_errors(tmp_path, tiny_paths):
     assert "1.to_k_ip.weight" in msg and "999.to_k_ip.weight" in msg and "3.to_v_ip.weight" in msg
 
 
-def test_bin_with_code_is_refused(tmp_path):
-    import os
-    import pickle
-
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    with open(tmp_path / "evil.bin", "wb") as fh:
-        pickle.dump({"image_proj": Evil(), "ip_adapter": {}}, fh)
+def test_bin_with_code_is_refused(tmp_path, evil_pickle):
+    marker = evil_pickle(tmp_path / "evil.bin", "image_proj", ip_adapter={})
     with pytest.raises(AdapterWeightsError):
         read_adapter(tmp_path / "evil.bin")
     assert not marker.exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import pickle
 
 import cv2
@@ -101,15 +100,8 @@ def test_face_info_round_trip(tmp_path):
     assert load_face_info(tmp_path / "m.pkl")["kps"].shape == (5, 2)
 
 
-def test_face_info_refuses_code_and_names_problems(tmp_path):
-    marker = tmp_path / "ran"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    with open(tmp_path / "evil.pkl", "wb") as fh:
-        pickle.dump({"embedding": Evil(), "kps": np.zeros((5, 2))}, fh)
+def test_face_info_refuses_code_and_names_problems(tmp_path, evil_pickle):
+    marker = evil_pickle(tmp_path / "evil.pkl", "embedding", kps=np.zeros((5, 2)))
     with pytest.raises(FaceInfoError, match="evil.pkl.*posix.system|evil.pkl.*refused"):
         load_face_info(tmp_path / "evil.pkl")
     assert not marker.exists()

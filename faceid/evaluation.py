@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from faceid.images import load_image
-from faceid.io_utils import atomic_path, write_json_atomic, write_text_atomic
+from faceid.io_utils import atomic_path, first_value, resolve_path, write_json_atomic, write_text_atomic
 from faceid.metrics import (
     DEFAULT_CLIP_MODEL,
     ClipScorer,
@@ -87,35 +87,20 @@ _BASELINE_KEYS = ("baseline", "no_face_image", "baseline_image")
 _GROUP_KEYS = ("group", "category")
 
 
-def _first(d: dict, keys: Sequence[str]):
-    for k in keys:
-        v = d.get(k)
-        if v not in (None, ""):
-            return v
-    return None
-
-
-def _resolve(base: Path, p) -> str | None:
-    if p in (None, ""):
-        return None
-    p = os.path.expanduser(str(p))
-    return p if os.path.isabs(p) else os.path.normpath(os.fspath(base / p))
-
-
 def _item_from_dict(d: dict, base: Path, defaults: dict | None = None, index: int = 0) -> EvalItem:
     defaults = defaults or {}
-    image = _first(d, _IMAGE_KEYS)
+    image = first_value(d, _IMAGE_KEYS)
     if image is None:
         raise ValueError(f"entry {index} has no image path (one of {_IMAGE_KEYS}): {d}")
-    seed = _first(d, ("seed",))
+    seed = first_value(d, ("seed",))
     known = set(_IMAGE_KEYS + _REF_KEYS + _PROMPT_KEYS + _BASELINE_KEYS + _GROUP_KEYS + ("seed", "id"))
     return EvalItem(
-        image=_resolve(base, image),
-        reference=_resolve(base, _first(d, _REF_KEYS) or _first(defaults, _REF_KEYS)),
-        prompt=_first(d, _PROMPT_KEYS) or _first(defaults, _PROMPT_KEYS),
+        image=resolve_path(base, image),
+        reference=resolve_path(base, first_value(d, _REF_KEYS) or first_value(defaults, _REF_KEYS)),
+        prompt=first_value(d, _PROMPT_KEYS) or first_value(defaults, _PROMPT_KEYS),
         seed=int(seed) if seed not in (None, "") else None,
-        baseline=_resolve(base, _first(d, _BASELINE_KEYS)),
-        group=_first(d, _GROUP_KEYS),
+        baseline=resolve_path(base, first_value(d, _BASELINE_KEYS)),
+        group=first_value(d, _GROUP_KEYS),
         id=str(d["id"]) if d.get("id") not in (None, "") else Path(str(image)).stem,
         extra={k: v for k, v in d.items() if k not in known},
     )

@@ -48,3 +48,21 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def first_value(record: dict, keys):
+    """The value of the first of ``keys`` present in ``record`` and neither None nor ``""`` (index readers accept
+    several spellings of a field)."""
+    for key in keys:
+        value = record.get(key)
+        if value is not None and not (isinstance(value, str) and value == ""):
+            return value
+    return None
+
+
+def resolve_path(base: str | os.PathLike, path) -> str | None:
+    """``path`` (``~`` expanded) made absolute against ``base`` unless it already is; None/"" stay None."""
+    if path is None or path == "":
+        return None
+    path = os.path.expanduser(os.fspath(path))
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(os.fspath(base), path))

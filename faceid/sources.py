@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from faceid.io_utils import first_value, resolve_path
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 IMAGE_KEYS = ("file_name", "image_file", "image", "image_path", "path", "img")
 CAPTION_KEYS = ("caption", "text", "additional_feature", "prompt")
@@ -42,16 +44,8 @@ class SourceItem:
     error: str | None = None  # "malformed_line: ..." / "missing_field: ..." for unusable index lines
 
 
-def _first(record: dict, keys) -> object | None:
-    for k in keys:
-        v = record.get(k)
-        if v not in (None, ""):
-            return v
-    return None
-
-
 def _caption(record: dict) -> str:
-    v = _first(record, CAPTION_KEYS)
+    v = first_value(record, CAPTION_KEYS)
     return v if isinstance(v, str) else ("" if v is None else str(v))
 
 
@@ -104,11 +98,6 @@ def _parse(line: str, n: int, path: Path) -> tuple[dict | None, str | None]:
     return rec, None
 
 
-def _resolve(image: str, base: Path) -> str:
-    p = Path(os.path.expanduser(image))
-    return str(p if p.is_absolute() else base / p)
-
-
 def iter_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[SourceItem]:
     """Records of a JSONL (or JSON list) index; key ``L<line>``. Blank lines are skipped (and keep numbering)."""
     path = Path(path)
@@ -121,13 +110,13 @@ def iter_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = N
         item = SourceItem(index=index, key=f"L{n}", image=None, line=n, error=err)
         index += 1
         if rec is not None:
-            image = _first(rec, IMAGE_KEYS)
+            image = first_value(rec, IMAGE_KEYS)
             if not isinstance(image, str):
                 item.error = f"missing_field: {path.name}:{n}: no image path (one of {', '.join(IMAGE_KEYS)})"
             else:
-                item.image = _resolve(image, base)
+                item.image = resolve_path(base, image)
             item.caption = _caption(rec)
-            person = _first(rec, PERSON_KEYS)
+            person = first_value(rec, PERSON_KEYS)
             item.person_id = None if person is None else str(person)
             for k in ("bbox", "landmarks", "insightface_feature_file"):
                 if k in rec:
@@ -174,7 +163,7 @@ def _faceid6m_lines(folder: Path, jsonl: Path, fh, index_base: int) -> Iterator[
         index += 1
         if rec is not None:
             item.caption = _caption(rec)
-            person = _first(rec, PERSON_KEYS)
+            person = first_value(rec, PERSON_KEYS)
             item.person_id = None if person is None else str(person)
         for k, p in (
             ("embedding_npy", folder / f"{num}.npy"),

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from faceid.io_utils import first_value, resolve_path
+
 EMBEDDING_DIM = 512
 FORMATS = ("auto", "index", "mfacetech", "seed", "faceid6m")
 _CAPTION_KEYS = ("caption", "additional_feature", "text", "prompt", "caption_short")
@@ -76,17 +78,6 @@ class Record:
 # Reading
 
 
-def _resolve(root: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
-
-
-def _first(d: dict, keys):
-    for k in keys:
-        if k in d and d[k] is not None:
-            return d[k]
-    return None
-
-
 def _emb_spec(value, root: str) -> dict | None:
     if value is None:
         return None
@@ -94,9 +85,9 @@ def _emb_spec(value, root: str) -> dict | None:
         if "file" not in value:
             raise ValueError("embedding dict needs a 'file'")
         row = value.get("row")
-        return {"file": _resolve(root, str(value["file"])), "row": None if row is None else int(row)}
+        return {"file": resolve_path(root, str(value["file"])), "row": None if row is None else int(row)}
     if isinstance(value, str):
-        return {"file": _resolve(root, value), "row": None}
+        return {"file": resolve_path(root, value), "row": None}
     raise ValueError(f"embedding must be a path or {{'file', 'row'}}, got {type(value).__name__}")
 
 
@@ -129,9 +120,12 @@ def _record_from(obj: dict, fmt: str, root: str, source: str, fallback_key: str)
     if fmt == "mfacetech":
         image, emb = obj.get("file_name"), obj.get("insightface_feature_file")
     elif fmt == "seed":
-        image, emb = obj.get("image_file") or obj.get("image"), _first(obj, _EMB_KEYS)
+        image, emb = obj.get("image_file") or obj.get("image"), first_value(obj, _EMB_KEYS)
     else:
-        image, emb = obj.get("image") or obj.get("image_file") or obj.get("file_name"), _first(obj, _EMB_KEYS)
+        image, emb = (
+            obj.get("image") or obj.get("image_file") or obj.get("file_name"),
+            first_value(obj, _EMB_KEYS),
+        )
     if not image:
         raise ValueError("no image field")
     if emb is None:
@@ -149,13 +143,13 @@ def _record_from(obj: dict, fmt: str, root: str, source: str, fallback_key: str)
             reference = {"embedding": _emb_spec(ref["embedding"], root)}
         else:
             raise ValueError("reference must be {'id'}, {'ids'} or {'embedding'}")
-    person = _first(obj, _PERSON_KEYS)
-    caption = _first(obj, _CAPTION_KEYS)
+    person = first_value(obj, _PERSON_KEYS)
+    caption = first_value(obj, _CAPTION_KEYS)
     return Record(
         key=str(obj.get("id", fallback_key)),
-        image=_resolve(root, str(image)),
+        image=resolve_path(root, str(image)),
         caption="" if caption is None else str(caption),
-        kps=_first(obj, _KPS_KEYS),
+        kps=first_value(obj, _KPS_KEYS),
         bbox=obj.get("bbox"),
         width=obj.get("width"),
         height=obj.get("height"),

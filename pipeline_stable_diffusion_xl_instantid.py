@@ -29,7 +29,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from PIL import Image
 
 from faceid.kps import draw_kps, resize_img  # noqa: F401  (re-exported: the official module offers both)
-from ip_adapter.attention_processor import IPAttnProcessor
+from ip_adapter.attention_processor import AttnProcessor, IPAttnProcessor
 from ip_adapter.weights import build_resampler, install_ip_processors, load_ip_layers, read_adapter
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,21 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         self.image_proj_model_in_features = image_emb_dim
         install_ip_processors(self.unet, num_tokens=resampler.num_queries, scale=scale, init_from_unet=False)
         load_ip_layers(self.unet, ip_layers, what=f"{model_ckpt} ip_adapter weights")
+        # Same maths as diffusers' default, plus keys/values of the (constant) face tokens computed once per call.
+        for net in self._controlnets():
+            if all(type(p).__name__ == "AttnProcessor2_0" for p in net.attn_processors.values()):
+                net.set_attn_processor(AttnProcessor())
+
+    def _controlnets(self) -> list:
+        return (
+            list(self.controlnet.nets)
+            if isinstance(self.controlnet, MultiControlNetModel)
+            else [self.controlnet]
+        )
+
+    @staticmethod
+    def _takes_kv_cache(model) -> bool:
+        return all(isinstance(p, (AttnProcessor, IPAttnProcessor)) for p in model.attn_processors.values())
 
     def set_ip_adapter_scale(self, scale: float) -> None:
         for proc in self.unet.attn_processors.values():
@@ -156,11 +171,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
             raise ValueError("image_embeds (the face embedding) is required")
         if image is None:
             raise ValueError("image (the keypoint image) is required")
-        nets = (
-            list(self.controlnet.nets)
-            if isinstance(self.controlnet, MultiControlNetModel)
-            else [self.controlnet]
-        )
+        nets = self._controlnets()
         images = list(image) if isinstance(image, (list, tuple)) and len(nets) > 1 else [image]
         if len(images) != len(nets):
             raise ValueError(f"{len(nets)} ControlNets need {len(nets)} control images, got {len(images)}")
@@ -232,6 +243,11 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
             mask = None
             unet_kwargs = dict(cross_attention_kwargs or {})
             unet_kwargs.pop("scale", None)
+            # Text and face tokens are the same at every step: their keys/values are computed once per call.
+            kv_cache: dict = {}
+            if self._takes_kv_cache(self.unet):
+                unet_kwargs["kv_cache"] = kv_cache
+            net_kwargs = [{"kv_cache": kv_cache} if self._takes_kv_cache(net) else None for net in nets]
             if control_mask is not None:
                 mask = mask_tensor(control_mask, height, width).to(device, prompt_embeds.dtype)
                 unet_kwargs["region_mask"] = mask
@@ -284,7 +300,9 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
                     x = torch.cat([latents] * 2) if do_cfg else latents
                     x = self.scheduler.scale_model_input(x, t)
                     down, mid = None, None
-                    for k, (net, cond, s, st, en) in enumerate(zip(nets, cond_images, scales, starts, ends)):
+                    for k, (net, cond, s, st, en, nkw) in enumerate(
+                        zip(nets, cond_images, scales, starts, ends, net_kwargs)
+                    ):
                         keep = not (i / n < st or (i + 1) / n > en)
                         if not keep or s == 0:
                             continue
@@ -295,6 +313,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
                             controlnet_cond=cond,
                             conditioning_scale=s,
                             added_cond_kwargs=added,
+                            cross_attention_kwargs=nkw,
                             return_dict=False,
                         )
                         if k == 0 and mask is not None:

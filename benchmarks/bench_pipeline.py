@@ -89,7 +89,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", default=str(ROOT / "tiny"))
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:

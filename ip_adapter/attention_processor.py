@@ -92,7 +92,11 @@ class _Base(nn.Module):
 
 
 class AttnProcessor(_Base):
-    """Plain attention; ``region_mask`` is accepted and ignored (it only concerns face tokens)."""
+    """Plain attention; ``region_mask`` is accepted and ignored (it only concerns face tokens).
+
+    With ``kv_cache`` (a dict the pipeline creates per call and passes through ``cross_attention_kwargs``) the
+    cross-attention keys/values of a context that does not change between denoising steps are computed once.
+    """
 
     def __call__(
         self,
@@ -102,17 +106,43 @@ class AttnProcessor(_Base):
         attention_mask=None,
         temb=None,
         region_mask=None,
+        kv_cache=None,
     ):
         residual = hidden_states
         hidden_states, shape4 = self._prologue(attn, hidden_states, temb)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, seq = context.shape[:2]
-        attention_mask = self._mask(attn, attention_mask, seq, batch)
         query = attn.to_q(hidden_states)
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        out = self._sdpa(attn, query, attn.to_k(context), attn.to_v(context), attention_mask)
+        if encoder_hidden_states is None:
+            batch, seq = hidden_states.shape[:2]
+            key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        else:
+            batch, seq = encoder_hidden_states.shape[:2]
+            key, value = _cached(
+                kv_cache,
+                (id(attn), "kv"),
+                encoder_hidden_states,
+                lambda: _project(attn, encoder_hidden_states),
+            )
+        attention_mask = self._mask(attn, attention_mask, seq, batch)
+        out = self._sdpa(attn, query, key, value, attention_mask)
         return self._epilogue(attn, out, residual, shape4)
+
+
+def _project(attn, context):
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    return attn.to_k(context), attn.to_v(context)
+
+
+def _cached(kv_cache, key, context, compute):
+    """``compute()`` once per ``(key, context tensor)`` when a per-call cache is given, else every time."""
+    if kv_cache is None:
+        return compute()
+    entry = kv_cache.get(key)
+    if entry is not None and entry[0] is context:
+        return entry[1]
+    value = compute()
+    kv_cache[key] = (context, value)
+    return value
 
 
 class IPAttnProcessor(_Base):
@@ -133,6 +163,11 @@ class IPAttnProcessor(_Base):
         self.to_k_ip = nn.Linear(self.cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(self.cross_attention_dim, hidden_size, bias=False)
 
+    def _kv(self, attn, context):
+        end = context.shape[1] - self.num_tokens
+        text, face = context[:, :end], context[:, end:]
+        return (*_project(attn, text), self.to_k_ip(face), self.to_v_ip(face))
+
     def __call__(
         self,
         attn,
@@ -141,29 +176,34 @@ class IPAttnProcessor(_Base):
         attention_mask=None,
         temb=None,
         region_mask=None,
+        kv_cache=None,
     ):
         residual = hidden_states
         hidden_states, shape4 = self._prologue(attn, hidden_states, temb)
         if encoder_hidden_states is None:
             raise ValueError("IPAttnProcessor needs encoder_hidden_states = cat([text tokens, face tokens])")
-        end = encoder_hidden_states.shape[1] - self.num_tokens
+        batch, total = encoder_hidden_states.shape[:2]
+        end = total - self.num_tokens
         if end <= 0:
             raise ValueError(
-                f"context has {encoder_hidden_states.shape[1]} tokens; expected text tokens followed by "
-                f"{self.num_tokens} face tokens"
+                f"context has {total} tokens; expected text tokens followed by {self.num_tokens} face tokens"
             )
-        text, face = encoder_hidden_states[:, :end], encoder_hidden_states[:, end:]
-        batch = text.shape[0]
+        key, value, face_key, face_value = _cached(
+            kv_cache, (id(attn), "ip"), encoder_hidden_states, lambda: self._kv(attn, encoder_hidden_states)
+        )
         attention_mask = self._mask(attn, attention_mask, end, batch)
-        if attn.norm_cross:
-            text = attn.norm_encoder_hidden_states(text)
         query = attn.to_q(hidden_states)
-        out = self._sdpa(attn, query, attn.to_k(text), attn.to_v(text), attention_mask)
+        out = self._sdpa(attn, query, key, value, attention_mask)
         if self.scale != 0:
-            face_out = self._sdpa(attn, query, self.to_k_ip(face), self.to_v_ip(face))
+            face_out = self._sdpa(attn, query, face_key, face_value)
             if region_mask is not None:
-                face_out = face_out * mask_to_tokens(
-                    region_mask.to(face_out.device), face_out.shape[1], batch
-                ).to(face_out.dtype)
+                tokens = face_out.shape[1]
+                mask = _cached(
+                    kv_cache,
+                    ("mask", tokens, batch),
+                    region_mask,
+                    lambda: mask_to_tokens(region_mask.to(face_out.device), tokens, batch).to(face_out.dtype),
+                )
+                face_out = face_out * mask
             out = out + self.scale * face_out
         return self._epilogue(attn, out, residual, shape4)

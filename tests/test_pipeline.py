@@ -139,3 +139,25 @@ def test_lcm_scheduler_runs(tiny_pipe):
 def test_identitynet_is_a_full_controlnet(tiny_paths):
     net = ControlNetModel.from_pretrained(tiny_paths["controlnet"])
     assert net.config.addition_embed_type == "text_time"
+
+
+def test_constant_keys_values_computed_once_per_call(tiny_pipe, monkeypatch):
+    from ip_adapter.attention_processor import IPAttnProcessor
+
+    proc = next(p for p in tiny_pipe.unet.attn_processors.values() if isinstance(p, IPAttnProcessor))
+    net_attn2 = next(m for n, m in tiny_pipe.controlnet.named_modules() if n.endswith("attn2"))
+    calls = {"face": 0, "identitynet": 0}
+    h1 = proc.to_k_ip.register_forward_hook(lambda *a: calls.__setitem__("face", calls["face"] + 1))
+    h2 = net_attn2.to_k.register_forward_hook(
+        lambda *a: calls.__setitem__("identitynet", calls["identitynet"] + 1)
+    )
+    try:
+        cached = run(tiny_pipe, num_inference_steps=3)
+        assert calls == {"face": 1, "identitynet": 1}
+        monkeypatch.setattr(type(tiny_pipe), "_takes_kv_cache", staticmethod(lambda model: False))
+        uncached = run(tiny_pipe, num_inference_steps=3)
+        assert calls == {"face": 4, "identitynet": 4}
+    finally:
+        h1.remove()
+        h2.remove()
+    np.testing.assert_array_equal(cached, uncached)

@@ -17,6 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
+_ORIENTATION = 0x0112  # EXIF tag
+
+
 class ImageLoadError(ValueError):
     """An image could not be read; the message names the file and the reason."""
 
@@ -65,7 +68,8 @@ def load_image(path, max_pixels: int = MAX_PIXELS, name: str | None = None) -> I
                 if w * h > max_pixels:
                     raise ImageLoadError(f"{path}: {w}x{h} is over the {max_pixels}-pixel limit")
                 img.load()
-                img = ImageOps.exif_transpose(img)
+                if img.getexif().get(_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+                    img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
     except ImageLoadError:
         raise

@@ -183,6 +183,26 @@ def build_recognizer(path: str | os.PathLike, seed: int = 0) -> Path:
     return _save(graph, path, "tiny 112x112 -> 512 recognizer (fixed random projection, tests only)")
 
 
+# The other modules of the real pack (input size, output width), for benchmarks that run "every module".
+AUX_MODULES = {"1k3d68.onnx": (192, 3309), "2d106det.onnx": (192, 212), "genderage.onnx": (96, 3)}
+
+
+def build_aux_module(path: str | os.PathLike, size: int, width: int, seed: int = 0, pool: int = 32) -> Path:
+    """A stand-in with a real pack module's signature (insightface routes it as landmark or attribute model):
+    ``[N, 3, size, size] -> [N, width]`` through average pooling and a fixed random projection."""
+    g = _Graph("aux")
+    feat = 3 * (size // pool) ** 2
+    weight = (np.random.default_rng(seed).standard_normal((feat, width)) * 0.01).astype(np.float32)
+    pooled = g.op("AveragePool", ["data"], "pool", kernel_shape=[pool, pool], strides=[pool, pool])
+    flat = g.op("Flatten", [pooled], "flat", axis=1)
+    proj = g.op("MatMul", [flat, g.const(weight, hint="w")], "proj")
+    out = helper.make_node("Identity", [proj], ["fc1"], name="out_fc1")
+    inp = helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, size, size])
+    outp = helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", width])
+    graph = helper.make_graph(g.nodes + [out], "tiny_aux", [inp], [outp], g.inits)
+    return _save(graph, path, f"tiny {size}x{size} -> {width} stand-in (benchmarks only)")
+
+
 def _save(graph, path, doc: str) -> Path:
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="faceid.tiny"
@@ -198,12 +218,16 @@ def _save(graph, path, doc: str) -> Path:
     return path
 
 
-def build_tiny_antelopev2(model_dir: str | os.PathLike) -> Path:
+def build_tiny_antelopev2(model_dir: str | os.PathLike, full_pack: bool = False) -> Path:
     """Write the tiny ``scrfd_10g_bnkps.onnx`` and ``glintr100.onnx`` into ``model_dir`` (e.g.
-    ``DIR/models/antelopev2``) and return it. Deterministic; takes well under a second."""
+    ``DIR/models/antelopev2``) and return it. Deterministic; takes well under a second. ``full_pack`` adds
+    stand-ins for the pack's three other modules (landmarks 3D/2D, gender-age), as a real download has."""
     model_dir = Path(model_dir)
     build_detector(model_dir / DETECTOR_FILE)
     build_recognizer(model_dir / RECOGNIZER_FILE)
+    if full_pack:
+        for i, (name, (size, width)) in enumerate(AUX_MODULES.items()):
+            build_aux_module(model_dir / name, size, width, seed=i + 1)
     return model_dir
 
 

@@ -22,6 +22,75 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+def mfacetech_style_step_ms(tiny: Path, resolution: int, batch: int, steps: int) -> float:
+    """Median step time of MFaceTech's loop structure, re-written bare (no data loading, tensors prepared
+    once): per step VAE encode in fp32, both text encoders, Resampler, IdentityNet fed the face tokens, UNet fed
+    text + face tokens, MSE on the noise, backward, AdamW over Resampler + IP layers + IdentityNet."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from ip_adapter.weights import build_resampler, install_ip_processors, load_ip_layers, read_adapter
+
+    base = tiny / "stable-diffusion-xl-base-1.0"
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    te1 = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    te2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2")
+    tok1 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    tok2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2")
+    controlnet = ControlNetModel.from_pretrained(tiny / "checkpoints" / "ControlNetModel")
+    sched = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    image_proj, ip = read_adapter(tiny / "checkpoints" / "ip-adapter.bin")
+    resampler = build_resampler(image_proj)
+    layers = install_ip_processors(unet, num_tokens=resampler.num_queries, init_from_unet=False)
+    load_ip_layers(unet, ip)
+    for m in (vae, unet, te1, te2):
+        m.requires_grad_(False)
+    controlnet.train()  # trained modules in train mode, as every training script (and ours) does
+    resampler.train()
+    params = list(resampler.parameters()) + list(layers.parameters()) + list(controlnet.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    pixels = torch.rand(batch, 3, resolution, resolution) * 2 - 1
+    cond = torch.rand(batch, 3, resolution, resolution)
+    emb = torch.randn(batch, 1, 512)
+    ids1 = tok1(
+        ["a photo of a person"] * batch, padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    ids2 = tok2(
+        ["a photo of a person"] * batch, padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    time_ids = torch.tensor(
+        [[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=torch.float32
+    )
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            out1 = te1(ids1, output_hidden_states=True)
+            out2 = te2(ids2, output_hidden_states=True)
+            text = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+            pooled = out2.text_embeds
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,))
+        noisy = sched.add_noise(latents, noise, t)
+        face = resampler(emb)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        down, mid = controlnet(noisy, t, encoder_hidden_states=face, controlnet_cond=cond,
+                               added_cond_kwargs=added, return_dict=False)  # fmt: skip
+        pred = unet(noisy, t, encoder_hidden_states=torch.cat([text, face], 1), added_cond_kwargs=added,
+                    down_block_additional_residuals=down, mid_block_additional_residual=mid).sample  # fmt: skip
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1000
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
@@ -49,6 +118,7 @@ def main(argv=None):
             "cached latents + text": ["--cache_latents", "--cache_text_embeddings"],
         }
         print(f"tiny SDXL + IdentityNet + adapter, {args.resolution}px, batch {args.batch_size}, CPU")
+        base_ms = [mfacetech_style_step_ms(tiny, args.resolution, args.batch_size, args.steps)]
         for name, extra in variants.items():
             out = tmp / name.replace(" ", "_")
             argv = tiny_args(tiny, out, "--data_json_file", str(index), "--max_train_steps", str(args.steps),
@@ -62,7 +132,14 @@ def main(argv=None):
             data = statistics.median(e["data_time"] for e in log)
             sps = statistics.median(e["samples_per_sec"] for e in log)
             print(f"  {name:24s} step {step * 1000:7.1f} ms  data {data * 1000:6.1f} ms  "
-                  f"{sps:6.1f} samples/s  (run incl. model load {wall:5.1f} s)")  # fmt: skip
+                  f"compute {(step - data) * 1000:6.1f} ms  {sps:6.1f} samples/s  (run incl. model load {wall:5.1f} s)")  # fmt: skip
+            if name == "plain":
+                plain_compute = (step - data) * 1000
+        base_ms.append(mfacetech_style_step_ms(tiny, args.resolution, args.batch_size, args.steps))
+        base = statistics.mean(base_ms)
+        print(f"  {'MFaceTech-style loop':24s} compute {base:6.1f} ms  (bare loop, no data loading; mean of a run "
+              f"before and after: {base_ms[0]:.1f}, {base_ms[1]:.1f})")  # fmt: skip
+        print(f"  plain compute / MFaceTech-style compute: {plain_compute / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -297,6 +297,8 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
             self._num_timesteps = n
             with self.progress_bar(total=n) as progress:
                 for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        break
                     x = torch.cat([latents] * 2) if do_cfg else latents
                     x = self.scheduler.scale_model_input(x, t)
                     down, mid = None, None
@@ -338,10 +340,13 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
                         0
                     ]
                     if callback_on_step_end is not None:
-                        out = callback_on_step_end(
-                            self, i, t, {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
-                        )
-                        latents = out.pop("latents", latents)
+                        available = {
+                            "latents": latents,
+                            "prompt_embeds": prompt_embeds,
+                            "face_tokens": face_tokens,
+                        }
+                        wanted = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                        latents = callback_on_step_end(self, i, t, wanted).pop("latents", latents)
                     progress.update()
         finally:
             if ip_adapter_scale is not None and previous_scale is not None:

@@ -161,3 +161,21 @@ def test_constant_keys_values_computed_once_per_call(tiny_pipe, monkeypatch):
         h1.remove()
         h2.remove()
     np.testing.assert_array_equal(cached, uncached)
+
+
+def test_step_callback_sees_and_can_replace_latents(tiny_pipe):
+    seen = []
+
+    def callback(pipe, i, t, tensors):
+        seen.append((i, tuple(tensors["latents"].shape), tuple(tensors["face_tokens"].shape)))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 2 else {}
+
+    out = run(
+        tiny_pipe,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "face_tokens"],
+    )
+    tokens = tiny_pipe.image_proj_model.num_queries
+    assert seen == [(i, (1, 4, 8, 8), (2, tokens, 64)) for i in range(3)]
+    assert torch.count_nonzero(out) == 0  # the last step's replacement is what came out

@@ -28,12 +28,14 @@ class TrainModel(nn.Module):
     def forward(self, noisy_latents, timesteps, prompt_embeds, added_cond_kwargs, face_embeds, kps_image):
         face_tokens = self.image_proj(face_embeds.to(self.image_proj.proj_in.weight.dtype))
         face_tokens = face_tokens.to(prompt_embeds.dtype)
+        # One parameter's dtype: diffusers' ``ModelMixin.dtype`` walks every submodule on each access.
+        cn_dtype = self.controlnet.conv_in.weight.dtype
         down, mid = self.controlnet(
-            noisy_latents.to(self.controlnet.dtype),
+            noisy_latents.to(cn_dtype),
             timesteps,
-            encoder_hidden_states=face_tokens.to(self.controlnet.dtype),
-            added_cond_kwargs={k: v.to(self.controlnet.dtype) for k, v in added_cond_kwargs.items()},
-            controlnet_cond=kps_image.to(self.controlnet.dtype),
+            encoder_hidden_states=face_tokens.to(cn_dtype),
+            added_cond_kwargs={k: v.to(cn_dtype) for k, v in added_cond_kwargs.items()},
+            controlnet_cond=kps_image.to(cn_dtype),
             return_dict=False,
         )
         return self.unet(

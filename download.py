@@ -46,7 +46,7 @@ def parse_args(argv=None):
 
 def main(args):
     if args.tiny:
-        from faceid.tiny import build_tiny
+        from faceid.tiny.models import build_tiny
 
         paths = build_tiny(args.tiny)
         for key in ("base_model", "controlnet", "face_adapter", "antelopev2"):
@@ -54,7 +54,7 @@ def main(args):
         print(f"offline run: python infer_from_pkl.py --tiny {args.tiny}")
         return paths
     if args.dataset:
-        from faceid.datasets_download import download_dataset
+        from faceid.hub.datasets import download_dataset
 
         out = download_dataset(
             args.dataset,
@@ -68,11 +68,11 @@ def main(args):
         print(f"dataset ready in {out}")
         return {"dataset": out}
 
-    from faceid.hub import download_instantid, download_sdxl
+    from faceid.hub.models import download_instantid, download_sdxl
 
     paths = download_instantid(args.checkpoints_dir, repo_id=args.instantid_repo, endpoint=args.endpoint)
     if not args.no_faces:
-        from faceid.hub_antelope import download_antelopev2
+        from faceid.hub.antelope import download_antelopev2
 
         kwargs = {"repo_id": args.antelope_repo} if args.antelope_repo else {}
         paths["antelopev2"] = download_antelopev2(args.face_root, endpoint=args.endpoint, **kwargs)

@@ -11,8 +11,8 @@
 
 Writes per_image.csv, summary.json (mean, std, count per metric; no-face count and rate) and summary.md. Use
 --face_root/--face_model_name to score Face Sim with a recognizer other than the conditioning one (antelopev2):
-scoring with the model that conditioned the generation is biased upward. The logic is in faceid/evaluation.py,
-faceid/metrics.py and faceid/protocol.py.
+scoring with the model that conditioned the generation is biased upward. The logic is in faceid/eval/scoring.py,
+faceid/eval/metrics.py and faceid/eval/grid.py.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def parse_args(argv=None):
 
 def main(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from faceid import evaluation
+    from faceid.eval import scoring as evaluation
 
     if args.compare:
         out = args.out if args.out.endswith(".md") else os.path.join(args.out, "compare.md")
@@ -109,7 +109,7 @@ def main(args):
 
     inputs = _named(args.inputs)
     if args.protocol:
-        from faceid import protocol
+        from faceid.eval import grid as protocol
 
         inputs.update(protocol.generate_from_args(args))
         if args.generate_only:

@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _analyzer(args, threads: int | None = None):
-    from faceid.face_analysis import FaceAnalyzer
+    from faceid.face.analysis import FaceAnalyzer
 
     return FaceAnalyzer(
         args.root,
@@ -96,9 +96,9 @@ def _analyzer(args, threads: int | None = None):
 
 
 def single_image(args) -> int:
-    from faceid.face_info import save_face_info
-    from faceid.images import ImageLoadError, load_image
-    from faceid.kps import resize_img
+    from faceid.face.face_info import save_face_info
+    from faceid.face.images import ImageLoadError, load_image
+    from faceid.face.kps import resize_img
 
     output = Path(args.output or Path(args.face_image).with_suffix(".pkl"))
     try:
@@ -122,9 +122,9 @@ def single_image(args) -> int:
 
 
 def dataset(args) -> int:
-    from faceid import preprocess as pp
-    from faceid.images import MAX_PIXELS
-    from faceid.shards import PartStore, merge
+    from faceid.face.images import MAX_PIXELS
+    from faceid.prep import engine as pp
+    from faceid.prep.parts import PartStore, merge
 
     out = Path(args.output)
     index_name = "index.jsonl"
@@ -160,7 +160,7 @@ def dataset(args) -> int:
 
 
 def _dataset_run(args, out, index_name, filters, merge_kw, store, rank, world, started) -> int:
-    from faceid import preprocess as pp
+    from faceid.prep import engine as pp
 
     done = store.done_keys()
     args.num_workers = args.num_workers or os.cpu_count() or 1

@@ -90,7 +90,7 @@ def parse_args(argv=None):
 
 def apply_tiny(args) -> None:
     """Point every path at the tiny checkpoints and make a synthetic face when none is given."""
-    from faceid.tiny import build_tiny, tiny_paths
+    from faceid.tiny.models import build_tiny, tiny_paths
 
     paths = tiny_paths(args.tiny)
     build_tiny(args.tiny)
@@ -104,8 +104,8 @@ def apply_tiny(args) -> None:
         if getattr(args, attr) == default:
             setattr(args, attr, str(paths[key]))
     if args.face_image == FACE_IMAGE:
-        from faceid.face_info import save_face_info
-        from faceid.synthetic import synthetic_face_array, write_synthetic_face
+        from faceid.face.face_info import save_face_info
+        from faceid.tiny.faces import synthetic_face_array, write_synthetic_face
 
         args.face_image = str(write_synthetic_face(Path(args.tiny) / "examples" / "face.png"))
         if args.face_info == FACE_INFO:  # the synthetic face's own geometry and a fixed embedding
@@ -121,15 +121,15 @@ def apply_tiny(args) -> None:
 
 def face_from_args(args):
     """→ (resized face image, embedding [512], keypoints in the resized frame)."""
-    from faceid.face_info import load_face_info
-    from faceid.images import load_image
-    from faceid.kps import fit_size, scale_kps
+    from faceid.face.face_info import load_face_info
+    from faceid.face.images import load_image
+    from faceid.face.kps import fit_size, scale_kps
 
     image = load_image(args.face_image)
     if args.face_info and args.face_info.lower() != "none":
         info = load_face_info(args.face_info)
     else:
-        from faceid.face_analysis import FaceAnalyzer
+        from faceid.face.analysis import FaceAnalyzer
 
         face = FaceAnalyzer(args.face_root).analyze(image)
         if face is None:
@@ -161,10 +161,10 @@ def set_scheduler(pipe, name: str) -> None:
 def main(args):
     import torch
 
-    from faceid.face_info import FaceInfoError
-    from faceid.images import ImageLoadError
-    from faceid.io_utils import atomic_path, write_json_atomic
-    from faceid.kps import draw_kps
+    from faceid.face.face_info import FaceInfoError
+    from faceid.face.images import ImageLoadError
+    from faceid.face.kps import draw_kps
+    from faceid.files import atomic_path, write_json_atomic
     from faceid.runtime import pick_device_dtype
     from pipeline_stable_diffusion_xl_instantid import load_pipeline
 

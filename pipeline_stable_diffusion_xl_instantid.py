@@ -28,7 +28,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffus
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from PIL import Image
 
-from faceid.kps import draw_kps, resize_img  # noqa: F401  (re-exported: the official module offers both)
+from faceid.face.kps import draw_kps, resize_img  # noqa: F401  (re-exported: the official module offers both)
 from ip_adapter.attention_processor import AttnProcessor, IPAttnProcessor
 from ip_adapter.weights import build_resampler, install_ip_processors, load_ip_layers, read_adapter
 
@@ -414,7 +414,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    from faceid.tiny import build_tiny
+    from faceid.tiny.models import build_tiny
 
     paths = build_tiny(args.tiny, faces=False)
     pipe = load_pipeline(paths["base_model"], paths["controlnet"], paths["face_adapter"])

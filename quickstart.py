@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 def make_photos(folder: Path) -> list[Path]:
     """``folder/person_k/photo_j.png``: one texture per person (its identity), varying position, size, frame."""
-    from faceid.synthetic import synthetic_face_array
+    from faceid.tiny.faces import synthetic_face_array
 
     paths = []
     for k in range(PEOPLE):

@@ -5,8 +5,8 @@
         --pretrained_ip_adapter_path checkpoints/ip-adapter.bin \
         --data_json_file index.jsonl --cross_id --output_dir out
 
-See docs/training.md. Heavy lifting lives in faceid/training.py, faceid/train_*.py, faceid/transforms.py and
-faceid/webdataset_shards.py.
+See docs/training.md. Heavy lifting lives in faceid/train/model.py, faceid/train_*.py, faceid/train/transforms.py and
+faceid/train/webdataset_shards.py.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def parse_args(argv=None):
     )
     g.add_argument("--train_data_dir", default=None, help="FaceID-6M folder (N.png, N.npy, *.jsonl)")
     g.add_argument(
-        "--train_shards", default=None, help="WebDataset shard folder (python -m faceid.webdataset_shards)"
+        "--train_shards",
+        default=None,
+        help="WebDataset shard folder (python -m faceid.train.webdataset_shards)",
     )
     g.add_argument(
         "--data_format", default="auto", choices=["auto", "index", "mfacetech", "seed", "faceid6m"]
@@ -161,7 +163,7 @@ def build_data(args, tokenizers, rank, world, log):
     """→ (dataset, records or None, loader_factory(epoch, start_batch), batches_per_epoch)."""
     import torch
 
-    from faceid.train_loader import EpochBatchSampler, FaceTrainDataset, collate
+    from faceid.train.dataset import EpochBatchSampler, FaceTrainDataset, collate
 
     common = dict(
         resolution=args.resolution,
@@ -176,7 +178,7 @@ def build_data(args, tokenizers, rank, world, log):
     )
     workers = args.dataloader_num_workers
     if args.train_shards:
-        from faceid.webdataset_shards import ShardDataset
+        from faceid.train.webdataset_shards import ShardDataset
 
         ds = ShardDataset(
             args.train_shards,
@@ -193,8 +195,8 @@ def build_data(args, tokenizers, rank, world, log):
 
         return ds, None, factory, ds.num_batches()
 
-    from faceid.train_data import load_checked_records
-    from faceid.transforms import scaled_buckets
+    from faceid.train.records import load_checked_records
+    from faceid.train.transforms import scaled_buckets
 
     path = args.data_json_file or args.train_data_dir
     fmt = "faceid6m" if args.train_data_dir and args.data_format == "auto" else args.data_format
@@ -223,8 +225,8 @@ def main(args):
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from faceid import train_checkpoint as ckpt
-    from faceid.training import (
+    from faceid.train import checkpoints as ckpt
+    from faceid.train.model import (
         CondCache,
         compute_loss,
         load_components,

@@ -14,7 +14,7 @@ VAE_NAME=${VAE_NAME:-""}                                              # e.g. mad
 
 # ---- data (one of JSON_FILE / DATA_DIR / SHARDS) ---------------------------------------------------------
 # JSON_FILE: get_face_info.py index, MFaceTech JSONL or seed-repo JSONL; DATA_DIR: extracted FaceID-6M/70K folder;
-# SHARDS: folder written by `python -m faceid.webdataset_shards --data_json_file ... --out SHARDS`.
+# SHARDS: folder written by `python -m faceid.train.webdataset_shards --data_json_file ... --out SHARDS`.
 JSON_FILE=${JSON_FILE:-"data/crossfaceid/index/index.jsonl"}
 DATA_DIR=${DATA_DIR:-""}
 SHARDS=${SHARDS:-""}

@@ -30,9 +30,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from faceid.train_data import _torch_load, load_checked_records  # noqa: E402
-from faceid.train_loader import EpochBatchSampler, FaceTrainDataset, collate  # noqa: E402
-from faceid.transforms import tokenize  # noqa: E402
+from faceid.train.dataset import EpochBatchSampler, FaceTrainDataset, collate  # noqa: E402
+from faceid.train.records import _torch_load, load_checked_records  # noqa: E402
+from faceid.train.transforms import tokenize  # noqa: E402
 
 KPS = [[420.0, 520.0], [610.0, 515.0], [515.0, 640.0], [440.0, 760.0], [595.0, 755.0]]
 
@@ -185,7 +185,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     from transformers import CLIPTokenizer
 
-    from faceid.tiny import write_tiny_clip_tokenizer
+    from faceid.tiny.models import write_tiny_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from faceid.tiny_antelope import build_tiny_antelopev2, draw_face  # noqa: E402
+from faceid.tiny.antelope import build_tiny_antelopev2, draw_face  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: int) -> None:

@@ -25,8 +25,8 @@ def run_variant(variant: str, tiny: str, steps: int, repeats: int) -> dict:
     import numpy as np
     import torch
 
-    from faceid.kps import draw_kps
-    from faceid.tiny import build_tiny
+    from faceid.face.kps import draw_kps
+    from faceid.tiny.models import build_tiny
     from pipeline_stable_diffusion_xl_instantid import load_pipeline
 
     torch.set_num_threads(2)

@@ -104,7 +104,7 @@ def main(argv=None):
     from conftest_train import make_index_dataset, tiny_args
 
     import train_instantId_sdxl as train
-    from faceid.tiny import build_tiny
+    from faceid.tiny.models import build_tiny
 
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:

@@ -207,3 +207,9 @@ class IPAttnProcessor(_Base):
                 face_out = face_out * mask
             out = out + self.scale * face_out
         return self._epilogue(attn, out, residual, shape4)
+
+
+# Names the official InstantID and IP-Adapter scripts import (``from ip_adapter.attention_processor import
+# IPAttnProcessor2_0 as IPAttnProcessor, AttnProcessor2_0 as AttnProcessor``): ours are SDPA-based already.
+AttnProcessor2_0 = AttnProcessor
+IPAttnProcessor2_0 = IPAttnProcessor

@@ -19,6 +19,7 @@ from torch import nn
 
 from ip_adapter.attention_processor import AttnProcessor, IPAttnProcessor
 from ip_adapter.resampler import Resampler, resampler_kwargs_from_state
+from ip_adapter.utils import atomic_path
 
 
 class AdapterWeightsError(ValueError):
@@ -140,8 +141,6 @@ def write_adapter(
     path: str | os.PathLike, image_proj: dict | nn.Module, ip_adapter: dict | nn.Module
 ) -> Path:
     """Write the official layout atomically: nested dict for ``.bin``, flat prefixed keys for ``.safetensors``."""
-    from faceid.io_utils import atomic_path
-
     if isinstance(image_proj, nn.Module):
         image_proj = image_proj.state_dict()
     if isinstance(ip_adapter, nn.Module):

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The repository (scripts and packages) and tests/ (the conftest_* helpers) for tests in any sub-folder.
+for _path in (ROOT, ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -18,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """``download.py --tiny`` layout: SDXL folder, IdentityNet, ip-adapter.bin, tiny antelopev2."""
-    from faceid.tiny import build_tiny
+    from faceid.tiny.models import build_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     build_tiny(root)
@@ -27,7 +29,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_paths(tiny_dir):
-    from faceid.tiny import tiny_paths as paths
+    from faceid.tiny.models import tiny_paths as paths
 
     return paths(tiny_dir)
 

@@ -1,7 +1,7 @@
 """Shared fixtures for the face-analysis tests (imported explicitly by those test files).
 
 The tiny antelopev2 pack is built once per session into a temp dir; a "face" is a bright rectangle
-(:func:`faceid.tiny_antelope.draw_face`) on a dark background.
+(:func:`faceid.tiny.antelope.draw_face`) on a dark background.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceid.tiny_antelope import build_tiny_antelopev2, draw_face
+from faceid.tiny.antelope import build_tiny_antelopev2, draw_face
 
 BACKGROUND = (30, 40, 50)
 
@@ -26,7 +26,7 @@ def tiny_face_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def analyzer(tiny_face_root):
-    from faceid.face_analysis import FaceAnalyzer
+    from faceid.face.analysis import FaceAnalyzer
 
     return FaceAnalyzer(tiny_face_root)
 

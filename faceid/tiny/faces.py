@@ -1,0 +1,45 @@
+"""Synthetic "faces" for offline runs and tests: a bright textured square on a dark background, which the tiny
+antelopev2 detector finds, with keypoints at the ArcFace template positions inside it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# ArcFace 5-point template in a 112x112 crop (eyes, nose, mouth corners).
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+
+
+def synthetic_face_array(size=(256, 256), box=None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """RGB uint8 image and the 5 keypoints of a bright square face at ``box`` (x1, y1, x2, y2)."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    img = (rng.random((h, w, 3)) * 40).astype(np.uint8)
+    if box is None:
+        side = int(min(w, h) * 0.5)
+        x1, y1 = (w - side) // 2, (h - side) // 2
+        box = (x1, y1, x1 + side, y1 + side)
+    x1, y1, x2, y2 = (int(v) for v in box)
+    texture = 200 + (rng.random((8, 8, 3)) * 55).astype(np.uint8)
+    patch = np.asarray(Image.fromarray(texture).resize((x2 - x1, y2 - y1), Image.NEAREST))
+    img[y1:y2, x1:x2] = patch
+    kps = ARCFACE_TEMPLATE / 112.0 * np.array([x2 - x1, y2 - y1], dtype=np.float32) + np.array(
+        [x1, y1], np.float32
+    )
+    return img, kps
+
+
+def write_synthetic_face(path: str | os.PathLike, size=(256, 256), seed: int = 0) -> Path:
+    from faceid.files import atomic_path
+
+    path = Path(path)
+    img, _ = synthetic_face_array(size, seed=seed)
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+    return path

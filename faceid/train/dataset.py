@@ -1,0 +1,184 @@
+"""The map-style training dataset and its deterministic, rank-aware batch sampler.
+
+Every random choice for one draw of one item (crop, flip, cross-identity reference, CFG drops) comes from
+``sample_rng(seed, epoch, index)``, and the sampler's order from ``(seed, epoch)``. So the data a run sees is a
+pure function of (seed, epoch, batch number): resuming at batch k of epoch e reproduces it exactly, with any
+number of workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from faceid.face.images import load_image
+from faceid.train.records import Record, ReferencePicker, load_embedding, sample_rng
+from faceid.train.transforms import (
+    apply_image,
+    cfg_drop,
+    kps_image,
+    nearest_bucket,
+    plan_crop,
+    to_chw_uint8,
+    tokenize,
+    transform_kps,
+)
+
+# Salts: one independent stream per purpose, so adding a draw for one never shifts another.
+SALT_CROP, SALT_REF, SALT_DROP = 1, 2, 3
+
+
+class FaceTrainDataset(torch.utils.data.Dataset):
+    """Items are addressed as ``(index, epoch)`` (what :class:`EpochBatchSampler` yields) or a plain index
+    (epoch 0)."""
+
+    def __init__(
+        self,
+        records: list[Record],
+        tokenizers=(),
+        resolution: int = 1024,
+        seed: int = 0,
+        random_crop: bool = False,
+        flip_prob: float = 0.0,
+        buckets=None,
+        cross_id: bool = False,
+        cross_id_prob: float = 1.0,
+        text_drop: float = 0.05,
+        face_drop: float = 0.05,
+        both_drop: float = 0.05,
+        with_pixels: bool = True,
+    ):
+        self.records = records
+        self.tokenizers = list(tokenizers)
+        self.resolution = resolution
+        self.seed = seed
+        self.random_crop = random_crop
+        self.flip_prob = flip_prob
+        self.buckets = list(buckets) if buckets else None
+        self.picker = ReferencePicker(records, cross_id, cross_id_prob)
+        self.drops = (text_drop, face_drop, both_drop)
+        self.with_pixels = with_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        if not self.buckets:
+            return self.resolution, self.resolution
+        r = self.records[index]
+        return self.buckets[nearest_bucket(r.width, r.height, self.buckets)]
+
+    def bucket_groups(self) -> list[list[int]]:
+        """Indices grouped by target size (one group without buckets)."""
+        if not self.buckets:
+            return [list(range(len(self.records)))]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in range(len(self.records)):
+            groups.setdefault(self.target_size(i), []).append(i)
+        return [groups[k] for k in sorted(groups)]
+
+    def plan(self, index: int, epoch: int):
+        r = self.records[index]
+        rng = sample_rng(self.seed, epoch, index, SALT_CROP)
+        return plan_crop(r.width, r.height, self.target_size(index), self.random_crop, self.flip_prob, rng)
+
+    def __getitem__(self, item) -> dict:
+        index, epoch = (item, 0) if isinstance(item, (int, np.integer)) else (int(item[0]), int(item[1]))
+        rec = self.records[index]
+        if rec.width is None or rec.height is None:
+            image = load_image(rec.image)
+            rec.width, rec.height = image.size
+        else:
+            image = None
+        plan = self.plan(index, epoch)
+        out = {}
+        if self.with_pixels:
+            if image is None:
+                image = load_image(rec.image)
+            out["pixel_values"] = to_chw_uint8(apply_image(image, plan))
+        kps = transform_kps(rec.kps, plan)
+        out["kps_image"] = to_chw_uint8(kps_image(kps, plan))
+        kind, ref = self.picker.pick(index, sample_rng(self.seed, epoch, index, SALT_REF))
+        ref_index = ref if kind == "index" else -1
+        spec = self.records[ref].embedding if kind == "index" else ref
+        drop_text, drop_face = cfg_drop(sample_rng(self.seed, epoch, index, SALT_DROP), *self.drops)
+        emb = np.zeros(512, np.float32) if drop_face else load_embedding(spec)
+        caption = "" if drop_text else rec.caption
+        out.update(
+            face_embeds=torch.from_numpy(emb),
+            caption=caption,
+            index=index,
+            ref_index=ref_index,
+            epoch=epoch,
+            drop_text=drop_text,
+            drop_face=drop_face,
+            original_size=torch.tensor([plan.height, plan.width]),
+            crop_top_left=torch.tensor([plan.top, plan.left]),
+            target_size=torch.tensor([plan.target[1], plan.target[0]]),
+            kps=torch.from_numpy(kps.astype(np.float32)),
+        )
+        for n, tok in enumerate(self.tokenizers):
+            out["input_ids" if n == 0 else f"input_ids_{n + 1}"] = tokenize(tok, caption)[0]
+        return out
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack tensors, keep strings/ints as lists (the batch's bookkeeping: index, ref_index, epoch...)."""
+    out = {}
+    for k in examples[0]:
+        vals = [e[k] for e in examples]
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return out
+
+
+class EpochBatchSampler:
+    """Deterministic batches for ``(seed, epoch)``, split across ranks, resumable mid-epoch.
+
+    Each group (bucket) is permuted and cut into batches of ``batch_size`` (a short last batch is filled by
+    wrapping round the same group, so every batch has one size and one shape); the batches are shuffled, their
+    count padded to a multiple of ``world_size`` (by repeating from the start) and dealt ``rank::world_size``.
+    Yields lists of ``(index, epoch)``. ``set_epoch(epoch, start_batch)`` skips the first ``start_batch``
+    batches of this rank without loading them.
+    """
+
+    def __init__(
+        self, groups, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle=True
+    ):
+        self.groups = [list(g) for g in groups if len(g)]
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), 0x5A3])
+        batches: list[list[int]] = []
+        for g in self.groups:
+            perm = [g[i] for i in rng.permutation(len(g))] if self.shuffle else list(g)
+            n = -(-len(perm) // self.batch_size) * self.batch_size
+            perm = [perm[i % len(perm)] for i in range(n)]
+            batches += [perm[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        n = -(-len(batches) // self.world_size) * self.world_size
+        return [batches[i % len(batches)] for i in range(n)]
+
+    def num_batches(self) -> int:
+        """Batches per epoch on each rank (the same for every epoch)."""
+        total = sum(-(-len(g) // self.batch_size) for g in self.groups)
+        return -(-total // self.world_size)
+
+    def __len__(self) -> int:
+        return self.num_batches() - self.start_batch
+
+    def __iter__(self):
+        mine = self.global_batches(self.epoch)[self.rank :: self.world_size]
+        for batch in mine[self.start_batch :]:
+            yield [(i, self.epoch) for i in batch]

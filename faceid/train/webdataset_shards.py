@@ -1,0 +1,346 @@
+"""WebDataset-format tar shards for FaceID-6M-scale training: a converter from any checked index and a
+streaming reader split across ranks and DataLoader workers (plain ``tarfile``; the ``webdataset`` package is
+not needed, but the shards are ordinary WebDataset tars it can read).
+
+One sample = members sharing a key ``NNNNNNNNN``:
+
+* ``KEY.jpg|png|webp`` — the image, original bytes when they already decode to what ``load_image`` gives
+  (8-bit RGB, no EXIF rotation), else re-encoded as PNG from ``load_image``;
+* ``KEY.json`` — ``id``, ``caption``, ``kps`` (image frame), ``bbox``, ``width``, ``height``, ``person_id``,
+  ``ref_kind`` (``"fixed"``, ``"cross"`` or ``null``) and ``ref_ids`` (global sample numbers of the refs);
+* ``KEY.emb.npy`` — the image's own ``[512]`` float32 embedding;
+* ``KEY.refs.npy`` — ``[K, 512]`` reference embeddings: the fixed pair(s), or up to ``max_refs`` other images
+  of the same person (cross-identity without random access to the whole index).
+
+``shards.json`` lists the shards and their sample counts. Shards are dealt to ranks ``shard_i % world`` (fixed,
+so every rank has a fixed number of batches: the minimum over ranks), each rank's shards and their samples are
+shuffled per ``(seed, epoch)``, and batch ``r`` of a rank goes to worker ``r % num_workers`` — the DataLoader's
+round-robin then yields batches in order, so resuming at batch k is exact.
+
+    python -m faceid.train.webdataset_shards --data_json_file index.jsonl --out shards/ --samples_per_shard 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from faceid.face.images import load_image
+from faceid.files import atomic_path, write_json_atomic
+from faceid.train.dataset import SALT_CROP, SALT_DROP, SALT_REF, collate
+from faceid.train.records import Record, load_embedding, sample_rng
+from faceid.train.transforms import (
+    apply_image,
+    cfg_drop,
+    kps_image,
+    plan_crop,
+    to_chw_uint8,
+    tokenize,
+    transform_kps,
+)
+
+MANIFEST = "shards.json"
+FORMAT = "instantid-wds-1"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _image_bytes(path: str) -> tuple[bytes, str]:
+    with Image.open(path) as img:
+        fmt = (img.format or "").upper()
+        clean = img.mode == "RGB" and img.getexif().get(0x0112, 1) == 1
+    if clean and fmt in ("JPEG", "PNG", "WEBP"):
+        return Path(path).read_bytes(), {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+    buf = io.BytesIO()
+    load_image(path).save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _refs_for(i: int, records: list[Record], groups: dict, index_of: dict, max_refs: int, seed: int):
+    rec = records[i]
+    if rec.reference is not None:
+        if "embedding" in rec.reference:
+            return "fixed", [], [load_embedding(rec.reference["embedding"])]
+        ids = [index_of[k] for k in rec.reference["keys"]]
+        return "fixed", ids, [load_embedding(records[j].embedding) for j in ids]
+    others = [j for j in groups.get(rec.person_id, ()) if j != i] if rec.person_id is not None else []
+    if not others:
+        return None, [], []
+    if len(others) > max_refs:
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, i, 0xEF])
+        others = sorted(rng.choice(others, size=max_refs, replace=False).tolist())
+    return "cross", others, [load_embedding(records[j].embedding) for j in others]
+
+
+def write_shards(
+    records: list[Record],
+    out_dir: str | os.PathLike,
+    samples_per_shard: int = 1000,
+    max_refs: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Write ``shard-NNNNNN.tar`` files and ``shards.json``; each tar is written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index_of = {r.key: i for i, r in enumerate(records)}
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        if r.person_id is not None:
+            groups.setdefault(r.person_id, []).append(i)
+    shards = []
+    for s, start in enumerate(range(0, len(records), samples_per_shard)):
+        name = f"shard-{s:06d}.tar"
+        chunk = range(start, min(len(records), start + samples_per_shard))
+        with atomic_path(out_dir / name) as tmp, tarfile.open(tmp, "w") as tar:
+            for i in chunk:
+                rec = records[i]
+                key = f"{i:09d}"
+                data, ext = _image_bytes(rec.image)
+                kind, ids, refs = _refs_for(i, records, groups, index_of, max_refs, seed)
+                meta = {
+                    "id": rec.key,
+                    "caption": rec.caption,
+                    "kps": np.asarray(rec.kps, dtype=np.float64).tolist(),
+                    "bbox": rec.bbox,
+                    "width": rec.width,
+                    "height": rec.height,
+                    "person_id": rec.person_id,
+                    "ref_kind": kind,
+                    "ref_ids": ids,
+                }
+                _add(tar, f"{key}.{ext}", data)
+                _add(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+                _add(tar, f"{key}.emb.npy", _npy_bytes(load_embedding(rec.embedding)))
+                if refs:
+                    _add(tar, f"{key}.refs.npy", _npy_bytes(np.stack(refs)))
+        shards.append({"file": name, "count": len(chunk), "first": start})
+    write_json_atomic(out_dir / MANIFEST, {"format": FORMAT, "total": len(records), "shards": shards})
+    return out_dir / MANIFEST
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+
+
+class _TarCache:
+    """A few open shards per worker with their member index ``{key: {ext: TarInfo}}``."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.open: OrderedDict[str, tuple[tarfile.TarFile, dict]] = OrderedDict()
+
+    def get(self, path: str):
+        if path in self.open:
+            self.open.move_to_end(path)
+            return self.open[path]
+        tar = tarfile.open(path, "r")
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        for m in tar.getmembers():
+            if m.isfile():
+                base = os.path.basename(m.name)
+                key, _, ext = base.partition(".")
+                members.setdefault(key, {})[ext] = m
+        self.open[path] = (tar, members)
+        while len(self.open) > self.size:
+            self.open.popitem(last=False)[1][0].close()
+        return self.open[path]
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Yields collated batches (use ``DataLoader(ds, batch_size=None, num_workers=W)``)."""
+
+    def __init__(
+        self,
+        shard_dir: str | os.PathLike,
+        tokenizers=(),
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        resolution: int = 1024,
+        seed: int = 0,
+        random_crop: bool = False,
+        flip_prob: float = 0.0,
+        cross_id: bool = False,
+        cross_id_prob: float = 1.0,
+        text_drop: float = 0.05,
+        face_drop: float = 0.05,
+        both_drop: float = 0.05,
+    ):
+        super().__init__()
+        self.dir = Path(shard_dir)
+        manifest = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{self.dir / MANIFEST}: not an InstantID shard manifest")
+        self.shards = manifest["shards"]
+        self.total = int(manifest["total"])
+        self.tokenizers = list(tokenizers)
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        self.resolution, self.seed = resolution, seed
+        self.random_crop, self.flip_prob = random_crop, flip_prob
+        self.cross_id, self.cross_id_prob = cross_id, cross_id_prob
+        self.drops = (text_drop, face_drop, both_drop)
+        self.epoch, self.start_batch = 0, 0
+        self._cache = None
+        if len(self.shards) < self.world_size:
+            raise ValueError(
+                f"{len(self.shards)} shards for {self.world_size} processes: write more, smaller shards"
+            )
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = None  # open tar files stay in the process that opened them
+        return state
+
+    def _rank_shards(self, rank: int) -> list[int]:
+        return list(range(rank, len(self.shards), self.world_size))
+
+    def num_batches(self) -> int:
+        """Batches per epoch on every rank (the minimum over ranks; the rest of a rank's samples wait)."""
+        counts = [sum(self.shards[s]["count"] for s in self._rank_shards(r)) for r in range(self.world_size)]
+        return min(counts) // self.batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def epoch_samples(self, epoch: int) -> list[tuple[int, int]]:
+        """This rank's ``(shard, global sample number)`` order for ``epoch``."""
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), self.rank, 0x5D])
+        mine = self._rank_shards(self.rank)
+        out = []
+        for s in (mine[i] for i in rng.permutation(len(mine))):
+            first, count = self.shards[s]["first"], self.shards[s]["count"]
+            out += [(s, first + int(j)) for j in rng.permutation(count)]
+        return out
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        if self._cache is None:
+            self._cache = _TarCache()
+        seq = self.epoch_samples(self.epoch)
+        bs = self.batch_size
+        for r, b in enumerate(range(self.start_batch, self.num_batches())):
+            if r % nworkers != wid:
+                continue
+            yield collate([self._item(s, g) for s, g in seq[b * bs : (b + 1) * bs]])
+
+    def _item(self, shard: int, g: int) -> dict:
+        tar, members = self._cache.get(str(self.dir / self.shards[shard]["file"]))
+        files = members[f"{g:09d}"]
+
+        def read(ext):
+            return tar.extractfile(files[ext]).read()
+
+        meta = json.loads(read("json"))
+        img_ext = next(e for e in ("jpg", "png", "webp", "jpeg") if e in files)
+        image = load_image(read(img_ext), name=f"{self.shards[shard]['file']}:{g:09d}.{img_ext}")
+        plan = plan_crop(
+            image.width,
+            image.height,
+            (self.resolution, self.resolution),
+            self.random_crop,
+            self.flip_prob,
+            sample_rng(self.seed, self.epoch, g, SALT_CROP),
+        )
+        kps = transform_kps(meta["kps"], plan)
+        rng = sample_rng(self.seed, self.epoch, g, SALT_REF)
+        ref_index, emb_src = g, "emb.npy"
+        if "refs.npy" in files and (
+            meta["ref_kind"] == "fixed"
+            or (self.cross_id and (self.cross_id_prob >= 1.0 or rng.random() < self.cross_id_prob))
+        ):
+            refs = np.load(io.BytesIO(read("refs.npy")), allow_pickle=False)
+            k = int(rng.integers(len(refs))) if len(refs) > 1 else 0
+            emb = refs[k]
+            ref_index = meta["ref_ids"][k] if meta["ref_ids"] else -1
+            emb_src = None
+        drop_text, drop_face = cfg_drop(sample_rng(self.seed, self.epoch, g, SALT_DROP), *self.drops)
+        if drop_face:
+            emb = np.zeros(512, np.float32)
+        elif emb_src:
+            emb = np.load(io.BytesIO(read(emb_src)), allow_pickle=False)
+        caption = "" if drop_text else meta["caption"]
+        out = {
+            "pixel_values": to_chw_uint8(apply_image(image, plan)),
+            "kps_image": to_chw_uint8(kps_image(kps, plan)),
+            "face_embeds": torch.from_numpy(np.array(emb, dtype=np.float32).reshape(512)),
+            "caption": caption,
+            "index": g,
+            "ref_index": ref_index,
+            "epoch": self.epoch,
+            "drop_text": drop_text,
+            "drop_face": drop_face,
+            "original_size": torch.tensor([plan.height, plan.width]),
+            "crop_top_left": torch.tensor([plan.top, plan.left]),
+            "target_size": torch.tensor([plan.target[1], plan.target[0]]),
+            "kps": torch.from_numpy(kps.astype(np.float32)),
+        }
+        for n, tok in enumerate(self.tokenizers):
+            out["input_ids" if n == 0 else f"input_ids_{n + 1}"] = tokenize(tok, caption)[0]
+        return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Convert a training index to WebDataset tar shards.")
+    p.add_argument(
+        "--data_json_file", "--index", dest="index", required=True, help="index JSONL or FaceID-6M folder"
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--data_format", default="auto")
+    p.add_argument("--data_root_path", default=None)
+    p.add_argument("--person_id_from_folder", action="store_true")
+    p.add_argument("--samples_per_shard", type=int, default=1000)
+    p.add_argument("--max_refs", type=int, default=8, help="cross-identity references stored per sample")
+    p.add_argument("--skip_bad_samples", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(args) -> Path:
+    import logging
+
+    from faceid.train.records import load_checked_records
+
+    logging.basicConfig(level=logging.INFO)
+    records, bad = load_checked_records(
+        args.index,
+        args.data_format,
+        args.data_root_path,
+        args.person_id_from_folder,
+        args.skip_bad_samples,
+        logger=logging.getLogger("shards"),
+    )
+    path = write_shards(records, args.out, args.samples_per_shard, args.max_refs, args.seed)
+    print(f"wrote {len(records)} samples ({len(bad)} bad skipped) to {path.parent}")
+    return path
+
+
+if __name__ == "__main__":
+    main(parse_args())

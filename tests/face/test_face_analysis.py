@@ -1,0 +1,170 @@
+"""FaceAnalyzer through insightface's real FaceAnalysis with the tiny antelopev2 pack."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import conftest_face
+import numpy as np
+import pytest
+from conftest_face import face_image
+from PIL import Image
+
+from faceid.face.analysis import (
+    FaceAnalyzer,
+    FaceResult,
+    NoFace,
+    NoFaceModelError,
+    choose_providers,
+    largest_face_index,
+)
+from faceid.face.face_info import load_face_info, save_face_info
+from faceid.face.images import to_bgr
+from faceid.tiny.antelope import DETECTOR_FILE, RECOGNIZER_FILE, build_tiny_antelopev2
+
+# Shared session fixtures (tests/conftest.py belongs to the core suite).
+tiny_face_root = conftest_face.tiny_face_root
+analyzer = conftest_face.analyzer
+
+
+def _official_buggy_key(face):
+    # The anchors' key, operator precedence and all: w * y2 - y1 instead of w * h.
+    return (face["bbox"][2] - face["bbox"][0]) * face["bbox"][3] - face["bbox"][1]
+
+
+def _inside(points, box, tol=2.0):
+    x1, y1, x2, y2 = box
+    p = np.asarray(points).reshape(-1, 2)
+    return bool(
+        np.all((p[:, 0] >= x1 - tol) & (p[:, 0] <= x2 + tol) & (p[:, 1] >= y1 - tol) & (p[:, 1] <= y2 + tol))
+    )
+
+
+def test_tiny_pack_is_small_deterministic_and_routed(tmp_path, tiny_face_root):
+    d = build_tiny_antelopev2(tmp_path / "a")
+    ref = tiny_face_root / "models" / "antelopev2"
+    for f in (DETECTOR_FILE, RECOGNIZER_FILE):
+        assert (d / f).read_bytes() == (ref / f).read_bytes()
+        assert (d / f).stat().st_size < 3_000_000
+    from insightface.model_zoo import model_zoo
+
+    det = model_zoo.get_model(str(d / DETECTOR_FILE), providers=["CPUExecutionProvider"])
+    rec = model_zoo.get_model(str(d / RECOGNIZER_FILE), providers=["CPUExecutionProvider"])
+    assert det.taskname == "detection" and det.use_kps and det.fmc == 3 and det.input_size is None
+    assert rec.taskname == "recognition" and rec.input_size == (112, 112) and rec.input_mean == 127.5
+
+
+def test_providers_cpu_only_without_gpu():
+    providers, options, ctx = choose_providers()
+    import torch
+
+    if not torch.cuda.is_available():
+        assert providers == ["CPUExecutionProvider"] and ctx == -1
+
+
+def test_one_face(analyzer):
+    box = (120, 80, 260, 220)
+    res = analyzer.analyze(face_image(boxes=(box,)))
+    assert isinstance(res, FaceResult)
+    assert res.num_faces == 1 and res.frame == (384, 320)
+    assert res.embedding.shape == (512,) and res.embedding.dtype == np.float32
+    assert abs(np.linalg.norm(res.normed_embedding) - 1) < 1e-5
+    assert not np.isclose(np.linalg.norm(res.embedding), 1.0)  # raw, not normalised
+    assert np.allclose(res.bbox, box, atol=3)
+    assert res.kps.shape == (5, 2) and _inside(res.kps, box)
+    assert 0.5 < res.det_score <= 1.0
+
+
+def test_input_kinds_agree_and_match_official_get(analyzer, tmp_path):
+    img = face_image()
+    path = tmp_path / "f.png"
+    img.save(path)
+    a = analyzer.analyze(img)
+    b = analyzer.analyze(to_bgr(img))
+    c = analyzer.analyze(str(path))
+    for r in (b, c):
+        assert np.allclose(r.embedding, a.embedding, atol=1e-5) and np.allclose(r.kps, a.kps)
+    # Same numbers as insightface's own FaceAnalysis.get (per-face recognition path).
+    faces = analyzer.app.get(to_bgr(img))
+    assert len(faces) == 1
+    assert np.allclose(faces[0].embedding, a.embedding, atol=1e-4)
+    assert np.allclose(faces[0].kps, a.kps)
+
+
+def test_two_faces_largest_by_area_not_buggy_key(analyzer):
+    big, small = (20, 20, 150, 150), (240, 300, 330, 390)  # big is high in the image, small is low
+    res = analyzer.analyze(face_image(size=(400, 420), boxes=(big, small)))
+    assert res.num_faces == 2 and res.all_bboxes.shape == (2, 4)
+    assert np.allclose(res.bbox, big, atol=3)
+    faces = [{"bbox": b} for b in res.all_bboxes]
+    buggy = sorted(faces, key=_official_buggy_key)[-1]
+    assert np.allclose(buggy["bbox"], small, atol=3)  # the anchors' key picks the other face
+    assert largest_face_index(res.all_bboxes) == int(
+        np.argmax([(b[2] - b[0]) * (b[3] - b[1]) for b in res.all_bboxes])
+    )
+
+
+def test_same_face_same_embedding_different_faces_differ(analyzer):
+    a1 = analyzer.analyze(face_image(size=(384, 320), boxes=((40, 40, 200, 200),), patterns=[3]))
+    a2 = analyzer.analyze(face_image(size=(512, 400), boxes=((250, 150, 410, 310),), patterns=[3]))
+    b = analyzer.analyze(face_image(size=(384, 320), boxes=((40, 40, 200, 200),), patterns=[4]))
+    assert float(a1.normed_embedding @ a2.normed_embedding) > 0.98
+    assert float(a1.normed_embedding @ b.normed_embedding) < 0.95
+
+
+def test_no_face_retries_then_clear_reason(analyzer):
+    dark = np.full((256, 256, 3), 20, np.uint8)
+    assert analyzer.analyze(dark) is None
+    full = analyzer.analyze_full(dark)
+    assert isinstance(full, NoFace) and not full
+    assert full.tried_sizes == (640, 480, 320, 256)
+    assert "no face" in full.reason and "256" in full.reason
+
+
+def test_close_crop_found_only_after_retry(analyzer, tiny_face_root):
+    # The face fills 90% of the frame: too big for the detector at 640, found at a smaller size.
+    img = face_image(size=(400, 400), boxes=((20, 20, 380, 380),))
+    no_retry = FaceAnalyzer(tiny_face_root, retry_sizes=())
+    assert no_retry.analyze(img) is None
+    res = analyzer.analyze(img)
+    assert res is not None and res.det_size < 640
+    assert np.allclose(res.bbox, (20, 20, 380, 380), atol=4)
+
+
+def test_batched_recognition_equals_single(analyzer):
+    imgs = [face_image(boxes=((30 + 10 * k, 40, 190 + 10 * k, 200),), patterns=[k + 1]) for k in range(5)]
+    imgs.insert(2, Image.new("RGB", (200, 200)))
+    many = analyzer.analyze_many(imgs)
+    assert [bool(r) for r in many] == [True, True, False, True, True, True]
+    for img, r in zip(imgs, many):
+        if r:
+            assert np.allclose(analyzer.analyze(img).embedding, r.embedding, atol=1e-4)
+
+
+def test_face_info_round_trip(analyzer, tmp_path):
+    res = analyzer.analyze(face_image())
+    for name in ("f.pkl", "f.npz"):
+        save_face_info(tmp_path / name, res.to_face_info())
+        info = load_face_info(tmp_path / name)
+        assert np.allclose(info["embedding"], res.embedding) and np.allclose(info["kps"], res.kps)
+        assert info["frame"] == (384, 320)
+
+
+def test_missing_pack_has_clear_error(tmp_path):
+    with pytest.raises(NoFaceModelError, match="download.py"):
+        FaceAnalyzer(tmp_path)
+
+
+def test_quiet_by_default(tiny_face_root):
+    code = (
+        "from faceid.face.analysis import FaceAnalyzer; import numpy as np;"
+        f"FaceAnalyzer({str(tiny_face_root)!r}).analyze(np.zeros((64, 64, 3), np.uint8))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(), timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "find model" not in out.stdout and "set det-size" not in out.stdout
+    assert "Applied providers" not in out.stdout and "CUDA" not in out.stderr

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from faceid.face.images import load_image, to_bgr
+from faceid.schema import EMBEDDING_DIM
 
 # skimage (used by insightface's norm_crop) warns on every call in recent versions.
 warnings.filterwarnings("ignore", message=r".*estimate.*deprecated", category=FutureWarning)
@@ -278,7 +279,7 @@ class FaceAnalyzer:
     def embed_crops(self, crops: list[np.ndarray]) -> np.ndarray:
         """Raw embeddings ``[N, 512]`` for aligned BGR crops, in batches (ArcFaceONNX ``get_feat`` semantics)."""
         if not crops:
-            return np.zeros((0, 512), np.float32)
+            return np.zeros((0, EMBEDDING_DIM), np.float32)
         step = self.rec_batch_size if self._rec_batched else 1
         outs = [self.rec_model.get_feat(list(crops[i : i + step])) for i in range(0, len(crops), step)]
         return np.concatenate(outs, axis=0).astype(np.float32).reshape(len(crops), -1)
@@ -337,7 +338,7 @@ class FaceAnalyzer:
             if not p:
                 out.append(p)
                 continue
-            emb = next(embs) if p.crop is not None else np.zeros(512, np.float32)
+            emb = next(embs) if p.crop is not None else np.zeros(EMBEDDING_DIM, np.float32)
             out.append(self._result(p.det, p.index, p.frame, emb))
         return out
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from faceid.files import atomic_path
-
-EMBEDDING_DIM = 512
+from faceid.schema import EMBEDDING_DIM
 
 
 class FaceInfoError(ValueError):

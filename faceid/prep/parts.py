@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from faceid.schema import EMBEDDING_DIM
 from ip_adapter.utils import atomic_path
 
 PART_RE = re.compile(r"^w(\d+)-r(\d+)-(\d+)\.jsonl$")
-EMBEDDING_DIM = 512
 
 
 def _fsync_dir(path: Path) -> None:

@@ -22,12 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from faceid.files import first_value, resolve_path
+from faceid.files import resolve_path
+from faceid.schema import IMAGE_KEYS, caption_of, faceid6m_index_base, image_of, person_of
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-IMAGE_KEYS = ("file_name", "image_file", "image", "image_path", "path", "img")
-CAPTION_KEYS = ("caption", "text", "additional_feature", "prompt")
-PERSON_KEYS = ("person_id", "person", "identity", "identity_id")
 
 
 @dataclass
@@ -42,11 +40,6 @@ class SourceItem:
         default_factory=dict
     )  # e.g. FaceID-6M ``face_image`` / ``embedding_npy``, record fields
     error: str | None = None  # "malformed_line: ..." / "missing_field: ..." for unusable index lines
-
-
-def _caption(record: dict) -> str:
-    v = first_value(record, CAPTION_KEYS)
-    return v if isinstance(v, str) else ("" if v is None else str(v))
 
 
 def iter_folder(
@@ -110,13 +103,13 @@ def iter_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = N
         item = SourceItem(index=index, key=f"L{n}", image=None, line=n, error=err)
         index += 1
         if rec is not None:
-            image = first_value(rec, IMAGE_KEYS)
+            image = image_of(rec)
             if not isinstance(image, str):
                 item.error = f"missing_field: {path.name}:{n}: no image path (one of {', '.join(IMAGE_KEYS)})"
             else:
                 item.image = resolve_path(base, image)
-            item.caption = _caption(rec)
-            person = first_value(rec, PERSON_KEYS)
+            item.caption = caption_of(rec)
+            person = person_of(rec)
             item.person_id = None if person is None else str(person)
             for k in ("bbox", "landmarks", "insightface_feature_file"):
                 if k in rec:
@@ -131,12 +124,6 @@ def find_faceid6m_jsonl(folder: str | os.PathLike) -> Path:
             f"{folder}: expected exactly one .jsonl in a FaceID-6M/70K folder, found {len(found)}; pass it explicitly"
         )
     return found[0]
-
-
-def faceid6m_index_base(folder: str | os.PathLike) -> int:
-    """Number of the first line's image: 0 (the datasets' README: line 0 ↔ ``0.png``) unless only ``1.png`` exists."""
-    folder = Path(folder)
-    return 0 if (folder / "0.png").exists() or not (folder / "1.png").exists() else 1
 
 
 def iter_faceid6m(
@@ -162,8 +149,8 @@ def _faceid6m_lines(folder: Path, jsonl: Path, fh, index_base: int) -> Iterator[
         item = SourceItem(index=index, key=str(num), image=str(folder / f"{num}.png"), line=n + 1, error=err)
         index += 1
         if rec is not None:
-            item.caption = _caption(rec)
-            person = first_value(rec, PERSON_KEYS)
+            item.caption = caption_of(rec)
+            person = person_of(rec)
             item.person_id = None if person is None else str(person)
         for k, p in (
             ("embedding_npy", folder / f"{num}.npy"),

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from faceid.schema import EMBEDDING_DIM
 from ip_adapter.utils import atomic_path
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
@@ -43,7 +44,6 @@ MAX_FACE_PX = 400
 MIN_FACE_PX = 8
 # Run lengths are computed up to 2**DOUBLING_STEPS pixels (must exceed MAX_FACE_PX).
 DOUBLING_STEPS = 9
-EMBEDDING_DIM = 512
 REC_POOL = 8
 # insightface.utils.face_align.arcface_dst: the 5-point template in a 112×112 crop.
 ARCFACE_DST = np.array(

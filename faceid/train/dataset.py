@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from faceid.face.images import load_image
+from faceid.schema import EMBEDDING_DIM
 from faceid.train.records import Record, ReferencePicker, load_embedding, sample_rng
 from faceid.train.transforms import (
     apply_image,
@@ -102,7 +103,7 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         ref_index = ref if kind == "index" else -1
         spec = self.records[ref].embedding if kind == "index" else ref
         drop_text, drop_face = cfg_drop(sample_rng(self.seed, epoch, index, SALT_DROP), *self.drops)
-        emb = np.zeros(512, np.float32) if drop_face else load_embedding(spec)
+        emb = np.zeros(EMBEDDING_DIM, np.float32) if drop_face else load_embedding(spec)
         caption = "" if drop_text else rec.caption
         out.update(
             face_embeds=torch.from_numpy(emb),

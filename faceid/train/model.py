@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from faceid.schema import EMBEDDING_DIM
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,7 +94,7 @@ def load_components(args, weight_dtype, device):
             dim_head=args.resampler_dim_head,
             heads=args.resampler_heads,
             num_queries=args.num_tokens,
-            embedding_dim=512,
+            embedding_dim=EMBEDDING_DIM,
             output_dim=unet.config.cross_attention_dim,
             ff_mult=args.resampler_ff_mult,
         )

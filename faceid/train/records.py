@@ -35,21 +35,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from faceid.files import first_value, resolve_path
+from faceid.files import resolve_path
+from faceid.schema import EMBEDDING_DIM, caption_of, embedding_of, faceid6m_index_base, kps_of, person_of
 
-EMBEDDING_DIM = 512
 FORMATS = ("auto", "index", "mfacetech", "seed", "faceid6m")
-_CAPTION_KEYS = ("caption", "additional_feature", "text", "prompt", "caption_short")
-_KPS_KEYS = ("kps", "landmarks", "keypoints")
-_EMB_KEYS = (
-    "embedding",
-    "insightface_feature_file",
-    "embedding_file",
-    "npy",
-    "face_embedding",
-    "feature_file",
-)
-_PERSON_KEYS = ("person_id", "identity", "id_name", "person")
 
 
 class BadDataError(ValueError):
@@ -120,11 +109,11 @@ def _record_from(obj: dict, fmt: str, root: str, source: str, fallback_key: str)
     if fmt == "mfacetech":
         image, emb = obj.get("file_name"), obj.get("insightface_feature_file")
     elif fmt == "seed":
-        image, emb = obj.get("image_file") or obj.get("image"), first_value(obj, _EMB_KEYS)
+        image, emb = obj.get("image_file") or obj.get("image"), embedding_of(obj)
     else:
         image, emb = (
             obj.get("image") or obj.get("image_file") or obj.get("file_name"),
-            first_value(obj, _EMB_KEYS),
+            embedding_of(obj),
         )
     if not image:
         raise ValueError("no image field")
@@ -143,17 +132,16 @@ def _record_from(obj: dict, fmt: str, root: str, source: str, fallback_key: str)
             reference = {"embedding": _emb_spec(ref["embedding"], root)}
         else:
             raise ValueError("reference must be {'id'}, {'ids'} or {'embedding'}")
-    person = first_value(obj, _PERSON_KEYS)
-    caption = first_value(obj, _CAPTION_KEYS)
+    person = person_of(obj)
     return Record(
         key=str(obj.get("id", fallback_key)),
         image=resolve_path(root, str(image)),
-        caption="" if caption is None else str(caption),
-        kps=first_value(obj, _KPS_KEYS),
+        caption=caption_of(obj),
+        kps=kps_of(obj),
         bbox=obj.get("bbox"),
         width=obj.get("width"),
         height=obj.get("height"),
-        person_id=None if person is None else str(person),
+        person_id=person,
         embedding=_emb_spec(emb, root),
         reference=reference,
         source=source,
@@ -181,8 +169,6 @@ def read_records(
     records: list[Record] = []
     bad: list[tuple[str, str]] = []
     if fmt == "faceid6m":
-        from faceid.prep.sources import faceid6m_index_base
-
         for jsonl, folder in _faceid6m_files(path):
             base = faceid6m_index_base(folder)
             with open(jsonl, encoding="utf-8") as f:

@@ -97,6 +97,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def grid_generator():
+    """``generate(argv)`` for the evaluation grid: infer_from_pkl.py in process, loading each checkpoint's
+    pipeline once (the grid runs identities × seed runs × baseline per checkpoint) and freeing it for the next."""
+    import infer_from_pkl
+
+    loaded = {}
+
+    def generate(argv: list[str]) -> list[dict]:
+        args = infer_from_pkl.parse_args(argv)
+        if args.tiny:
+            infer_from_pkl.apply_tiny(args)
+        key = infer_from_pkl.pipeline_key(args)
+        if key not in loaded:
+            loaded.clear()  # one checkpoint at a time: SDXL twice does not fit a GPU
+            loaded[key] = infer_from_pkl.load_from_args(args)
+        return infer_from_pkl.main(args, pipe=loaded[key])
+
+    return generate
+
+
 def main(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from faceid.eval import scoring as evaluation
@@ -111,7 +131,7 @@ def main(args):
     if args.protocol:
         from faceid.eval import grid as protocol
 
-        inputs.update(protocol.generate_from_args(args))
+        inputs.update(protocol.generate_from_args(args, grid_generator()))
         if args.generate_only:
             return inputs
     if not inputs:

@@ -145,7 +145,12 @@ def face_from_args(args):
 
 
 def set_scheduler(pipe, name: str) -> None:
+    """Use scheduler ``name``; "default" restores the one the model came with (a reused pipeline may have been
+    switched by an earlier call)."""
     import diffusers
+
+    if not hasattr(pipe, "_default_scheduler"):
+        pipe._default_scheduler = pipe.scheduler
 
     classes = {
         "euler": "EulerDiscreteScheduler",
@@ -154,19 +159,35 @@ def set_scheduler(pipe, name: str) -> None:
         "lcm": "LCMScheduler",
         "ddim": "DDIMScheduler",
     }
-    if name != "default":
-        pipe.scheduler = getattr(diffusers, classes[name]).from_config(pipe.scheduler.config)
+    default = pipe._default_scheduler
+    pipe.scheduler = (
+        default if name == "default" else getattr(diffusers, classes[name]).from_config(default.config)
+    )
 
 
-def main(args):
+def pipeline_key(args) -> tuple:
+    """What identifies a loaded pipeline: callers that keep one (the evaluation grid) reuse it while this is equal."""
+    return (args.base_model, args.controlnet, args.face_adapter, args.device, args.dtype)
+
+
+def load_from_args(args):
+    """The pipeline for ``args``'s weights, device and dtype."""
+    from faceid.runtime import pick_device_dtype
+    from pipeline_stable_diffusion_xl_instantid import load_pipeline
+
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    return load_pipeline(args.base_model, args.controlnet, args.face_adapter, device=device, dtype=dtype)
+
+
+def main(args, pipe=None):
+    """Generate every prompt × seed; ``pipe`` (from :func:`load_from_args` with an equal :func:`pipeline_key`)
+    skips loading the weights again."""
     import torch
 
     from faceid.face.face_info import FaceInfoError
     from faceid.face.images import ImageLoadError
     from faceid.face.kps import draw_kps
     from faceid.files import atomic_path, write_json_atomic
-    from faceid.runtime import pick_device_dtype
-    from pipeline_stable_diffusion_xl_instantid import load_pipeline
 
     if args.tiny:
         apply_tiny(args)
@@ -179,8 +200,9 @@ def main(args):
     except (FaceInfoError, ImageLoadError) as exc:
         raise SystemExit(str(exc)) from exc
     kps_image = draw_kps(face_image, kps)
-    device, dtype = pick_device_dtype(args.device, args.dtype)
-    pipe = load_pipeline(args.base_model, args.controlnet, args.face_adapter, device=device, dtype=dtype)
+    if pipe is None:
+        pipe = load_from_args(args)
+    device, dtype = pipe.device, pipe.unet.dtype
     set_scheduler(pipe, args.scheduler)
 
     out_dir = Path(args.output_dir)

@@ -14,8 +14,8 @@ The protocol is a JSON file (``configs/eval_protocol.json``)::
 ``"identities": "*"`` takes every image in ``faces_dir`` (id = file stem); listed identities' ``face_image`` is
 relative to ``faces_dir``. ``face_info`` null means the face image is analysed by infer_from_pkl.py.
 
-For each checkpoint, :func:`generate_grid` calls ``infer_from_pkl.main(parse_args([...]))`` once per identity
-and run of consecutive seeds (all prompts in one call, ``--num_images`` = run length, ``--skip_existing`` so an
+For each checkpoint, :func:`generate_grid` calls ``generate(argv)`` (infer_from_pkl.py's command line; the caller
+supplies the function and keeps one pipeline per checkpoint loaded) once per identity and run of consecutive seeds (all prompts in one call, ``--num_images`` = run length, ``--skip_existing`` so an
 interrupted grid resumes), writing ``OUT/generations/<ckpt>/<identity>[/s<seed>]/``. It then writes
 ``OUT/generations/<ckpt>/settings.json``: the settings-JSON format evaluate.py reads, every image with its
 ``face_image``, ``prompt``, ``seed``, ``group`` (the prompt category), ``identity`` and, with baselines,
@@ -40,13 +40,6 @@ GEN_FLAGS = {  # protocol "generation" key -> infer_from_pkl.py flag
     "controlnet_conditioning_scale": "--controlnet_conditioning_scale",
     "scheduler": "--scheduler",
 }
-
-
-def run_infer(argv: list[str]) -> list[dict]:
-    """The one place that calls infer_from_pkl.py; returns its image records."""
-    import infer_from_pkl
-
-    return infer_from_pkl.main(infer_from_pkl.parse_args(argv))
 
 
 def load_protocol(path: str | os.PathLike, faces_dir: str | None = None) -> dict:
@@ -166,9 +159,12 @@ def generate_grid(
     max_identities: int | None = None,
     max_prompts: int | None = None,
     max_seeds: int | None = None,
+    *,
+    generate,
 ) -> Path:
     """Generate the grid with one checkpoint (``paths``: base_model, face_adapter, controlnet, face_root,
-    generation) and write the merged settings JSON; returns its path."""
+    generation) and write the merged settings JSON; returns its path. ``generate(argv) -> image records`` runs
+    infer_from_pkl.py's command line ``argv``."""
     root = Path(out_dir) / "generations" / name
     identities = proto["identities"][:max_identities] if max_identities else proto["identities"]
     prompts = proto["prompts"][:max_prompts] if max_prompts else proto["prompts"]
@@ -187,11 +183,11 @@ def generate_grid(
         owner = _slug(ident["subject"]) if fixed_size else ident["id"]
         for seed, count in runs:
             sub = root / ident["id"] / (f"s{seed}" if len(runs) > 1 else "")
-            records = run_infer(infer_argv(proto, ident, texts, seed, count, sub, paths))
+            records = generate(infer_argv(proto, ident, texts, seed, count, sub, paths))
             bdir = root / "_baseline" / owner / (f"s{seed}" if len(runs) > 1 else "")
             base_records = []
             if baseline and (owner, seed) not in done_baselines:
-                base_records = run_infer(infer_argv(proto, ident, texts, seed, count, bdir, base_paths))
+                base_records = generate(infer_argv(proto, ident, texts, seed, count, bdir, base_paths))
                 done_baselines.add((owner, seed))
             base_by_key = {(b["prompt"], b["seed"]): _abs(bdir, b["path"]) for b in base_records}
             for r in records:
@@ -225,9 +221,9 @@ def generate_grid(
     return out
 
 
-def generate_from_args(args) -> dict[str, str]:
-    """evaluate.py ``--protocol`` glue: generate the grid for every ``--checkpoint NAME=DIR``;
-    returns ``{name: merged settings JSON}``."""
+def generate_from_args(args, generate) -> dict[str, str]:
+    """evaluate.py ``--protocol`` glue: generate the grid for every ``--checkpoint NAME=DIR`` with
+    ``generate(argv)``; returns ``{name: merged settings JSON}``."""
     proto = load_protocol(args.protocol, args.faces_dir)
     gen = dict(proto.get("generation", {}))
     base_model, controlnet, face_root = args.base_model, args.controlnet, None
@@ -267,6 +263,7 @@ def generate_from_args(args) -> dict[str, str]:
                 max_identities=args.max_identities,
                 max_prompts=args.max_prompts,
                 max_seeds=args.max_seeds,
+                generate=generate,
             )
         )
     return out

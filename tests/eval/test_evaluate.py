@@ -280,7 +280,6 @@ def test_shipped_protocol_is_valid(tmp_path):
 
 
 def test_protocol_grid_calls_infer_and_merges(tmp_path, monkeypatch):
-    from faceid.eval import grid as protocol
 
     faces = tmp_path / "faces"
     faces.mkdir()
@@ -329,7 +328,7 @@ def test_protocol_grid_calls_infer_and_merges(tmp_path, monkeypatch):
                 )
         return recs
 
-    monkeypatch.setattr(protocol, "run_infer", fake_infer)
+    monkeypatch.setattr(evaluate, "grid_generator", lambda: fake_infer)
     args = evaluate.parse_args(
         [
             "--protocol",
@@ -400,3 +399,33 @@ def test_protocol_end_to_end_on_tiny(tiny_clip, tiny_dir, tmp_path):
     assert s["no_face"] + s["face_sim"]["count"] == 8
     assert set(s["groups"]) == {"expression"}
     assert (out / "per_image.csv").is_file() and (out / "summary.md").is_file()
+
+
+def test_grid_loads_each_checkpoint_once(tiny_dir, tiny_paths, tmp_path, monkeypatch):
+    """Two checkpoints × two identities × two seeds (+ baselines): one pipeline load per checkpoint."""
+    import shutil
+
+    import infer_from_pkl
+    from faceid.tiny.faces import write_synthetic_face
+
+    faces = tmp_path / "faces"
+    for k, name in enumerate(("ann", "ben")):
+        write_synthetic_face(faces / f"{name}.png", seed=k)
+    second = tmp_path / "ft" / "ip-adapter.bin"
+    second.parent.mkdir()
+    shutil.copy(tiny_paths["face_adapter"], second)
+    loads, real_load = [], infer_from_pkl.load_from_args
+    monkeypatch.setattr(
+        infer_from_pkl, "load_from_args", lambda a: loads.append(a.face_adapter) or real_load(a)
+    )
+    argv = ["--protocol", str(Path(__file__).parents[2] / "configs" / "eval_protocol.json")]
+    argv += ["--tiny", str(tiny_dir), "--faces_dir", str(faces), "--max_prompts", "1", "--max_seeds", "2"]
+    argv += ["--checkpoint", f"base={tiny_paths['face_adapter']}", "--checkpoint", f"ft={second}"]
+    argv += ["--clip_i_baseline", "--generate_only", "--out", str(tmp_path / "eval")]
+    inputs = evaluate.main(evaluate.parse_args(argv))
+    assert loads == [str(tiny_paths["face_adapter"]), str(second)]
+    for name in ("base", "ft"):
+        items = ev.load_items(inputs[name])
+        assert len(items) == 2 * 2 and all(
+            Path(it.image).is_file() and Path(it.baseline).is_file() for it in items
+        )

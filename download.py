@@ -44,6 +44,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _index_builder():
+    """get_face_info.py's dataset mode, run in process on the downloaded dataset."""
+    import get_face_info
+
+    return lambda argv: get_face_info.main(get_face_info.parse_args(argv))
+
+
 def main(args):
     if args.tiny:
         from faceid.tiny.models import build_tiny
@@ -62,7 +69,7 @@ def main(args):
             repo_id=args.dataset_repo,
             endpoint=args.endpoint,
             extract=not args.no_extract,
-            build_index=args.build_index,
+            build_index=_index_builder() if args.build_index else None,
             delete_parts=args.delete_parts,
         )
         print(f"dataset ready in {out}")
@@ -84,4 +91,12 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from faceid.runtime import quiet_third_party
+
+    quiet_third_party()
+    from faceid.hub.client import HubError
+
+    try:
+        main(parse_args())
+    except HubError as exc:  # the message says what to do; a traceback would not
+        raise SystemExit(f"download.py: {exc}") from None

@@ -209,4 +209,7 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
+    from faceid.runtime import quiet_third_party
+
+    quiet_third_party()
     sys.exit(main(parse_args()))

@@ -265,4 +265,7 @@ def main(args, pipe=None):
 
 
 if __name__ == "__main__":
+    from faceid.runtime import quiet_third_party
+
+    quiet_third_party()
     sys.exit(0 if main(parse_args()) is not None else 1)

@@ -194,4 +194,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    from faceid.runtime import quiet_third_party
+
+    quiet_third_party()
     main(parse_args())

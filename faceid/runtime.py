@@ -38,3 +38,34 @@ def dtype_kwargs(dtype) -> dict:
     except ImportError:
         pass
     return {"torch_dtype": dtype}
+
+
+def quiet_third_party() -> None:
+    """Silence what transformers, diffusers and huggingface_hub print that says nothing to our users (weight
+    loading/writing bars of small files, advisory notices); errors still show. The scripts call this once at
+    start-up; long work (downloads, denoising, training) keeps its own progress bars."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module=r"(diffusers|transformers|huggingface_hub)"
+    )
+    warnings.filterwarnings("ignore", message=r".*torchvision.*")
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass

@@ -18,6 +18,20 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 _ORIENTATION = 0x0112  # EXIF tag
+_ROTATED = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1 = as stored); the one place the tag is read."""
+    return img.getexif().get(_ORIENTATION, 1)
+
+
+def oriented_size(path) -> tuple[int, int]:
+    """(width, height) of ``path`` as :func:`load_image` returns it (EXIF rotation applied), read from the header
+    without decoding the pixels."""
+    with Image.open(path) as img:
+        w, h = img.size
+        return (h, w) if exif_orientation(img) in _ROTATED else (w, h)
 
 
 class ImageLoadError(ValueError):
@@ -68,7 +82,7 @@ def load_image(path, max_pixels: int = MAX_PIXELS, name: str | None = None) -> I
                 if w * h > max_pixels:
                     raise ImageLoadError(f"{path}: {w}x{h} is over the {max_pixels}-pixel limit")
                 img.load()
-                if img.getexif().get(_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+                if exif_orientation(img) != 1:
                     img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
     except ImageLoadError:

@@ -2,7 +2,7 @@
 
 ``download_antelopev2(root)`` puts the five ``.onnx`` files into ``root/models/antelopev2`` — the layout
 ``FaceAnalysis(name="antelopev2", root=root)`` and :class:`faceid.face.analysis.FaceAnalyzer` read. Downloads go
-through ``huggingface_hub.hf_hub_download`` (partial downloads resume; ``HF_ENDPOINT`` or ``endpoint=`` selects a
+through :mod:`faceid.hub.client` (partial downloads resume; ``HF_ENDPOINT`` or ``endpoint=`` selects a
 mirror such as https://hf-mirror.com); files already in place are not fetched again.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+
+from faceid.hub import client
 
 DEFAULT_REPO = "DIAMONIK7777/antelopev2"
 ANTELOPE_FILES = ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx", "glintr100.onnx", "scrfd_10g_bnkps.onnx")
@@ -29,25 +31,16 @@ def download_antelopev2(
 ) -> Path:
     """Fetch the antelopev2 ``files`` from ``repo_id`` (optionally from its ``subfolder``) into
     ``root/models/antelopev2`` and return that folder."""
-    import huggingface_hub
-
     model_dir = Path(root) / "models" / "antelopev2"
     model_dir.mkdir(parents=True, exist_ok=True)
-    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     for name in files:
         target = model_dir / name
         if target.is_file() and target.stat().st_size > 0 and not force:
             print(f"{target} already present")
             continue
         print(f"{repo_id}/{subfolder + '/' if subfolder else ''}{name} -> {target}")
-        got = huggingface_hub.hf_hub_download(
-            repo_id,
-            name,
-            subfolder=subfolder,
-            revision=revision,
-            local_dir=os.fspath(model_dir),
-            endpoint=endpoint,
-            force_download=force,
+        got = client.download_file(
+            repo_id, name, model_dir, endpoint=endpoint, subfolder=subfolder, revision=revision, force=force
         )
         got = Path(got)
         if got.resolve() != target.resolve():  # a subfolder in the repo: move the file up next to the others

@@ -26,7 +26,6 @@ filter is applied as well when the Python version has it.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -38,6 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from faceid.files import write_json_atomic
+from faceid.hub import client
 
 log = logging.getLogger(__name__)
 
@@ -63,36 +63,6 @@ _STREAM_MODES = {".tar.gz": "r|gz", ".tgz": "r|gz", ".tar.bz2": "r|bz2", ".tar.x
 
 class UnsafeArchiveError(RuntimeError):
     """An archive member would be written outside the target folder (or is a device); nothing of it is written."""
-
-
-# --------------------------------------------------------------------------------------------------- hub access
-# Module-level so tests (and offline mirrors) can replace them.
-
-
-def list_repo_files(
-    repo_id: str, endpoint: str | None = None, revision: str | None = None, token=None
-) -> list[str]:
-    from huggingface_hub import HfApi
-
-    return HfApi(endpoint=endpoint, token=token).list_repo_files(
-        repo_id, repo_type="dataset", revision=revision
-    )
-
-
-def hf_hub_download(
-    repo_id: str, filename: str, local_dir: str, endpoint: str | None = None, revision=None, token=None
-):
-    import huggingface_hub
-
-    return huggingface_hub.hf_hub_download(
-        repo_id,
-        filename,
-        repo_type="dataset",
-        local_dir=local_dir,
-        endpoint=endpoint,
-        revision=revision,
-        token=token,
-    )
 
 
 # --------------------------------------------------------------------------------------------------- archives
@@ -333,7 +303,7 @@ def download_dataset(
     repo_id: str | None = None,
     endpoint: str | None = None,
     extract: bool = True,
-    build_index: bool = False,
+    build_index: Callable[[list[str]], object] | None = None,
     delete_parts: bool = False,
     revision: str | None = None,
     token: str | bool | None = None,
@@ -342,7 +312,9 @@ def download_dataset(
 
     ``repo_id`` overrides the Hub repository, ``endpoint`` the Hub URL (default: ``$HF_ENDPOINT``, else the Hub).
     With ``extract`` every archive (split or not) is extracted into ``out_dir/data``; ``delete_parts`` removes
-    each part once it has been read (parts are then fetched one at a time). Returns ``out_dir``.
+    each part once it has been read (parts are then fetched one at a time). ``build_index(argv)``, when given,
+    is called with get_face_info.py's command line for ``out_dir/data`` → ``out_dir/index`` (download.py passes
+    get_face_info.py's entry point). Returns ``out_dir``.
     """
     key = resolve_name(name)
     repo_id = repo_id or DATASETS[key]
@@ -351,14 +323,14 @@ def download_dataset(
     raw = out / RAW_DIR
     raw.mkdir(parents=True, exist_ok=True)
 
-    files = list_repo_files(repo_id, endpoint=endpoint, revision=revision, token=token)
+    files = client.list_files(repo_id, repo_type="dataset", endpoint=endpoint, revision=revision, token=token)
     archives, other = archive_groups(f for f in files if not f.startswith("."))
     log.info("%s: %d archives, %d other files", repo_id, len(archives), len(other))
 
     def fetch(filename: str) -> str:
         return os.fspath(
-            hf_hub_download(
-                repo_id, filename, local_dir=os.fspath(raw), endpoint=endpoint, revision=revision, token=token
+            client.download_file(
+                repo_id, filename, raw, endpoint=endpoint, repo_type="dataset", revision=revision, token=token
             )
         )
 
@@ -377,8 +349,8 @@ def download_dataset(
         else:
             for part in parts:
                 fetch(part)
-    if build_index:
-        _build_index_hook(out, INDEX_EXTRA_ARGS.get(key, []))
+    if build_index is not None:
+        build_index(get_face_info_argv(out, INDEX_EXTRA_ARGS.get(key, [])))
     return out
 
 
@@ -396,42 +368,6 @@ def get_face_info_argv(out_dir: Path, extra_args: Sequence[str] = ()) -> list[st
     ]
 
 
-def build_index(out_dir: str | os.PathLike, extra_args: Sequence[str] = ()):
-    """Write ``out_dir/index/index.jsonl`` (+ ``embeddings/``, ``rejects.jsonl``; docs/design.md format) by running
-    get_face_info.py's dataset mode on ``out_dir/data`` (face models from its ``--root``, default ``./``)."""
-    import get_face_info  # lazy: face analysis (onnxruntime, insightface) is only needed here
-
-    out = Path(out_dir)
-    return get_face_info.main(get_face_info.parse_args(get_face_info_argv(out, extra_args)))
-
-
-_build_index_hook = build_index  # indirection so tests can replace the hook
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("dataset", choices=sorted(DATASETS))
-    p.add_argument("--out", required=True)
-    p.add_argument("--repo_id", default=None)
-    p.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT)")
-    p.add_argument("--no_extract", action="store_true")
-    p.add_argument("--delete_parts", action="store_true", help="delete each archive part once extracted")
-    p.add_argument("--build_index", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(args):
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    download_dataset(
-        args.dataset,
-        args.out,
-        repo_id=args.repo_id,
-        endpoint=args.endpoint,
-        extract=not args.no_extract,
-        build_index=args.build_index,
-        delete_parts=args.delete_parts,
-    )
-
-
-if __name__ == "__main__":
-    main(parse_args())
+def get_face_info_argv_for(name: str, out_dir: str | os.PathLike) -> list[str]:
+    """The get_face_info.py command line that indexes dataset ``name`` downloaded into ``out_dir``."""
+    return get_face_info_argv(Path(out_dir), INDEX_EXTRA_ARGS.get(resolve_name(name), []))

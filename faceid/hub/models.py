@@ -1,13 +1,13 @@
 """Model downloads from the Hugging Face Hub (InstantID weights, SDXL base), resumable, ``HF_ENDPOINT`` honoured.
 
-Every network call goes through :func:`hf_download` / :func:`hf_snapshot`, so tests (and offline mirrors) can
-replace them.
+Every network call goes through :mod:`faceid.hub.client`.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from faceid.hub import client
 
 INSTANTID_REPO = "InstantX/InstantID"
 INSTANTID_FILES = (
@@ -33,34 +33,6 @@ SDXL_PATTERNS = (
 )
 
 
-def endpoint_or_env(endpoint: str | None) -> str | None:
-    return endpoint or os.environ.get("HF_ENDPOINT") or None
-
-
-def hf_download(repo_id: str, filename: str, local_dir, endpoint=None, repo_type: str | None = None) -> str:
-    """One file, resumed if a partial download exists."""
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(
-        repo_id,
-        filename,
-        local_dir=os.fspath(local_dir),
-        endpoint=endpoint_or_env(endpoint),
-        repo_type=repo_type,
-    )
-
-
-def hf_snapshot(repo_id: str, local_dir, allow_patterns=None, endpoint=None) -> str:
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(
-        repo_id,
-        local_dir=os.fspath(local_dir),
-        allow_patterns=list(allow_patterns or []) or None,
-        endpoint=endpoint_or_env(endpoint),
-    )
-
-
 def download_instantid(
     checkpoints_dir="checkpoints", repo_id: str = INSTANTID_REPO, endpoint=None
 ) -> dict[str, Path]:
@@ -69,12 +41,12 @@ def download_instantid(
     for filename in INSTANTID_FILES:
         target = out / filename
         print(f"{repo_id}/{filename} -> {target}")
-        hf_download(repo_id, filename, out, endpoint=endpoint)
+        client.download_file(repo_id, filename, out, endpoint=endpoint)
     return {"controlnet": out / "ControlNetModel", "face_adapter": out / "ip-adapter.bin"}
 
 
 def download_sdxl(local_dir, repo_id: str = SDXL_REPO, endpoint=None) -> Path:
     """The SDXL base diffusers folder (fp16 weights, ~7 GB) → ``local_dir``."""
     print(f"{repo_id} (diffusers folder, fp16 weights) -> {local_dir}")
-    hf_snapshot(repo_id, local_dir, allow_patterns=SDXL_PATTERNS, endpoint=endpoint)
+    client.snapshot(repo_id, local_dir, allow_patterns=SDXL_PATTERNS, endpoint=endpoint)
     return Path(local_dir)

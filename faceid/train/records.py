@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from faceid.face.images import oriented_size
 from faceid.files import resolve_path
 from faceid.schema import EMBEDDING_DIM, caption_of, embedding_of, faceid6m_index_base, kps_of, person_of
 
@@ -261,23 +262,11 @@ def load_embedding(spec: dict) -> np.ndarray:
 # The start-up check
 
 
-def _image_size(path: str) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
-    # load_image applies the EXIF orientation: 90° rotations swap the frame.
-    if orientation in (5, 6, 7, 8):
-        w, h = h, w
-    return w, h
-
-
 def _check_one(rec: Record, keys: set[str]) -> str | None:
     if not os.path.exists(rec.image):
         return f"image not found: {rec.image}"
     try:
-        w, h = _image_size(rec.image)
+        w, h = oriented_size(rec.image)
     except Exception as exc:  # noqa: BLE001 - any decoder error is a bad image
         return f"unreadable image {rec.image}: {exc}"
     if rec.width and rec.height and (int(rec.width), int(rec.height)) != (w, h):

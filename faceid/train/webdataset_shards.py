@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from faceid.face.images import load_image
+from faceid.face.images import exif_orientation, load_image
 from faceid.files import atomic_path, write_json_atomic
 from faceid.train.dataset import SALT_CROP, SALT_DROP, SALT_REF, collate
 from faceid.train.records import Record, load_embedding, sample_rng
@@ -59,7 +59,7 @@ FORMAT = "instantid-wds-1"
 def _image_bytes(path: str) -> tuple[bytes, str]:
     with Image.open(path) as img:
         fmt = (img.format or "").upper()
-        clean = img.mode == "RGB" and img.getexif().get(0x0112, 1) == 1
+        clean = img.mode == "RGB" and exif_orientation(img) == 1
     if clean and fmt in ("JPEG", "PNG", "WEBP"):
         return Path(path).read_bytes(), {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
     buf = io.BytesIO()

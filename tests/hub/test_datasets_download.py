@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from faceid.hub import client
 from faceid.hub import datasets as dd
 
 
@@ -72,13 +73,15 @@ def hub(tmp_path, monkeypatch):
     calls = []
     state = {"fail_on": None, "listing_endpoint": None}
 
-    def fake_list(repo_id, endpoint=None, revision=None, token=None):
+    def fake_list(repo_id, repo_type=None, endpoint=None, revision=None, token=None):
+        assert repo_type == "dataset"
         state["listing_endpoint"] = endpoint
         names = sorted(p.name for p in store.iterdir())
         # the Hub lists in arbitrary order: shuffle so the code has to sort the parts
         return list(np.random.default_rng(1).permutation(names))
 
-    def fake_download(repo_id, filename, local_dir, endpoint=None, revision=None, token=None):
+    def fake_download(repo_id, filename, local_dir, endpoint=None, repo_type=None, revision=None, token=None):
+        assert repo_type == "dataset"
         if state["fail_on"] == filename:
             state["fail_on"] = None
             raise ConnectionError(f"simulated network failure on {filename}")
@@ -89,8 +92,8 @@ def hub(tmp_path, monkeypatch):
             shutil.copyfile(store / filename, target)
         return str(target)
 
-    monkeypatch.setattr(dd, "list_repo_files", fake_list)
-    monkeypatch.setattr(dd, "hf_hub_download", fake_download)
+    monkeypatch.setattr(client, "list_files", fake_list)
+    monkeypatch.setattr(client, "download_file", fake_download)
     return {
         "store": store,
         "parts": parts,
@@ -127,14 +130,14 @@ def test_split_archive_matches_cat_tar(hub, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example")
     seen_sizes = []
-    real_download = dd.hf_hub_download
+    real_download = client.download_file
 
     def spying_download(*a, **k):
         # before each part arrives, record every file size under out/ (extracted data + downloaded parts)
         seen_sizes.extend(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.is_symlink())
         return real_download(*a, **k)
 
-    monkeypatch.setattr(dd, "hf_hub_download", spying_download)
+    monkeypatch.setattr(client, "download_file", spying_download)
     dd.download_dataset("faceid6m", out, delete_parts=True)
     assert hub["state"]["listing_endpoint"] == "https://mirror.example"
 
@@ -154,14 +157,14 @@ def test_delete_parts_keeps_at_most_one_part_on_disk(hub, tmp_path, monkeypatch)
     out = tmp_path / "out"
     raw = out / dd.RAW_DIR
     max_parts = []
-    real_download = dd.hf_hub_download
+    real_download = client.download_file
 
     def spying_download(repo_id, filename, local_dir, **k):
         path = real_download(repo_id, filename, local_dir, **k)
         max_parts.append(sum(1 for p in raw.iterdir() if ".tar.gz." in p.name))
         return path
 
-    monkeypatch.setattr(dd, "hf_hub_download", spying_download)
+    monkeypatch.setattr(client, "download_file", spying_download)
     dd.download_dataset("faceid6m", out, delete_parts=True)
     assert max(max_parts) == 1
 
@@ -266,14 +269,17 @@ def test_build_index_hook_calls_get_face_info(hub, tmp_path, monkeypatch):
     import sys
     import types
 
+    import download
+
     seen = []
     fake = types.ModuleType("get_face_info")
     fake.parse_args = lambda argv: argv
     fake.main = lambda argv: seen.append(argv) or 0
     monkeypatch.setitem(sys.modules, "get_face_info", fake)
     out = tmp_path / "out"
-    dd.download_dataset("faceid6m", out, build_index=True)
+    download.main(download.parse_args(["--dataset", "faceid6m", "--out", str(out), "--build_index"]))
     assert seen == [["--input", str(out / "data"), "--output", str(out / "index"), "--faceid6m_filters"]]
+    assert dd.get_face_info_argv_for("faceid6m", out) == seen[0]
 
 
 def test_hub_wrappers_call_huggingface_hub_correctly(monkeypatch):
@@ -295,9 +301,9 @@ def test_hub_wrappers_call_huggingface_hub_correctly(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", rec_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", rec_list)
-    assert dd.list_repo_files("o/r", endpoint="https://m.example") == ["a.tar.gz.aa"]
+    assert client.list_files("o/r", repo_type="dataset", endpoint="https://m.example") == ["a.tar.gz.aa"]
     assert seen["list"]["repo_type"] == "dataset" and seen["endpoint"] == "https://m.example"
-    dd.hf_hub_download("o/r", "a.tar.gz.aa", local_dir="/tmp/x", endpoint="https://m.example")
+    client.download_file("o/r", "a.tar.gz.aa", "/tmp/x", endpoint="https://m.example", repo_type="dataset")
     d = seen["download"]
     assert (d["repo_type"], d["local_dir"], d["endpoint"], d["filename"]) == (
         "dataset",

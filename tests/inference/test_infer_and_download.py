@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from PIL import Image
 import download
 import infer_from_pkl
 from faceid.tiny.faces import synthetic_face_array
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def infer_argv(tiny_paths, tmp_path, face_info, **extra):
@@ -137,6 +140,7 @@ def test_download_tiny(tmp_path, capsys):
 
 def test_download_models_with_hub_replaced(tmp_path, monkeypatch, capsys):
     import faceid.hub.models as hub
+    from faceid.hub import client
 
     calls = []
 
@@ -148,8 +152,8 @@ def test_download_models_with_hub_replaced(tmp_path, monkeypatch, capsys):
         return target
 
     snapshots = []
-    monkeypatch.setattr(hub, "hf_download", fake_download)
-    monkeypatch.setattr(hub, "hf_snapshot", lambda *a, **k: snapshots.append((a, k)))
+    monkeypatch.setattr(client, "download_file", fake_download)
+    monkeypatch.setattr(client, "snapshot", lambda *a, **k: snapshots.append((a, k)))
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example")
     argv = [
         "--checkpoints_dir",
@@ -162,7 +166,7 @@ def test_download_models_with_hub_replaced(tmp_path, monkeypatch, capsys):
     paths = download.main(download.parse_args(argv))
     assert [c[1] for c in calls] == list(hub.INSTANTID_FILES)
     assert all(c[0] == "InstantX/InstantID" for c in calls)
-    assert hub.endpoint_or_env(None) == "https://mirror.example"
+    assert client.endpoint_or_env(None) == "https://mirror.example"
     assert (tmp_path / "ck" / "ControlNetModel" / "config.json").is_file()
     assert paths["face_adapter"] == tmp_path / "ck" / "ip-adapter.bin"
     ((args, kwargs),) = snapshots
@@ -172,3 +176,30 @@ def test_download_models_with_hub_replaced(tmp_path, monkeypatch, capsys):
     )
     out = capsys.readouterr().out
     assert "ip-adapter.bin ->" in out
+
+
+def test_download_without_hub_says_what_to_do(tmp_path):
+    """No network here and HF_HUB_OFFLINE=1: the real huggingface_hub call fails; the script prints the reason and
+    the ways out (mirror, proxy, --tiny) and exits 1 without a traceback."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "download.py", "--checkpoints_dir", str(tmp_path / "ck"), "--no_faces"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "InstantX/InstantID/ControlNetModel/config.json" in proc.stderr
+    assert "HF_ENDPOINT" in proc.stderr and "--tiny" in proc.stderr
+
+
+def test_download_fails_fast_when_the_hub_host_does_not_resolve(tmp_path, monkeypatch):
+    from faceid.hub import client
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://no-such-host.invalid")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(client.HubUnreachable, match="no-such-host.invalid.*HF_ENDPOINT.*--tiny"):
+        client.download_file("InstantX/InstantID", "ip-adapter.bin", tmp_path)
+    assert not any(tmp_path.iterdir())

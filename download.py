@@ -91,12 +91,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from faceid.runtime import quiet_third_party
+    from faceid.cli import run
 
-    quiet_third_party()
-    from faceid.hub.client import HubError
-
-    try:
-        main(parse_args())
-    except HubError as exc:  # the message says what to do; a traceback would not
-        raise SystemExit(f"download.py: {exc}") from None
+    run(main, parse_args)

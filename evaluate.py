@@ -117,6 +117,21 @@ def grid_generator():
     return generate
 
 
+def _scorers(args, evaluation):
+    if not args.no_clip and not os.path.isdir(args.clip_model):
+        from faceid.hub.client import preflight
+
+        preflight(f"the CLIP model {args.clip_model} (or pass --clip_model LOCAL_DIR / --no_clip)")
+    return evaluation.build_scorers(
+        clip_model=None if args.no_clip else args.clip_model,
+        face_root=None if args.no_face_sim else args.face_root,
+        face_model_name=args.face_model_name,
+        det_size=args.det_size,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+
+
 def main(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from faceid.eval import scoring as evaluation
@@ -136,15 +151,23 @@ def main(args):
             return inputs
     if not inputs:
         raise SystemExit("nothing to evaluate: give inputs, or --protocol with --checkpoint")
+    missing = [f"{name}={path}" for name, path in inputs.items() if not os.path.exists(path)]
+    if missing:  # before loading CLIP and the recognizer, which take a while
+        raise SystemExit(
+            f"not found: {', '.join(missing)} (give settings.json files of infer_from_pkl.py, or folders)"
+        )
 
-    clip, face = evaluation.build_scorers(
-        clip_model=None if args.no_clip else args.clip_model,
-        face_root=None if args.no_face_sim else args.face_root,
-        face_model_name=args.face_model_name,
-        det_size=args.det_size,
-        device=args.device,
-        batch_size=args.batch_size,
-    )
+    try:
+        clip, face = _scorers(args, evaluation)
+    except OSError as exc:
+        from faceid.hub.client import HubError
+
+        if isinstance(exc, (FileNotFoundError, HubError)):  # their messages say what to do
+            raise
+        raise SystemExit(
+            f"cannot load the CLIP model {args.clip_model!r} ({str(exc).splitlines()[0]}): download it once with "
+            "network access, pass --clip_model LOCAL_DIR, or --no_clip to skip CLIP-T/CLIP-I"
+        ) from None
     meta = {
         "clip_model": None if args.no_clip else args.clip_model,
         "face_root": None if args.no_face_sim else args.face_root,
@@ -168,7 +191,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from faceid.runtime import quiet_third_party
+    from faceid.cli import run
 
-    quiet_third_party()
-    main(parse_args())
+    run(main, parse_args)

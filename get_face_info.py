@@ -209,7 +209,6 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    from faceid.runtime import quiet_third_party
+    from faceid.cli import run
 
-    quiet_third_party()
-    sys.exit(main(parse_args()))
+    run(main, parse_args)

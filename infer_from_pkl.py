@@ -12,7 +12,6 @@ per image: ``path``, ``prompt``, ``seed``, ``face_image``, ``face_info``), which
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -265,7 +264,6 @@ def main(args, pipe=None):
 
 
 if __name__ == "__main__":
-    from faceid.runtime import quiet_third_party
+    from faceid.cli import run
 
-    quiet_third_party()
-    sys.exit(0 if main(parse_args()) is not None else 1)
+    run(main, parse_args)

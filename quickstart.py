@@ -194,7 +194,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from faceid.runtime import quiet_third_party
+    from faceid.cli import run
 
-    quiet_third_party()
-    main(parse_args())
+    run(main, parse_args)

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from types import SimpleNamespace
 
@@ -149,13 +150,6 @@ def parse_args(argv=None):
         help="append each step's item/reference ids to OUTPUT/samples/rank-R.jsonl",
     )
     args = p.parse_args(argv)
-    sources = [x for x in (args.data_json_file, args.train_data_dir, args.train_shards) if x]
-    if len(sources) != 1:
-        p.error("give exactly one of --data_json_file, --train_data_dir, --train_shards")
-    if args.cache_latents and (args.random_crop or args.random_flip > 0):
-        p.error("--cache_latents needs a deterministic view: drop --random_crop/--random_flip")
-    if args.train_shards and (args.cache_latents or args.aspect_ratio_buckets):
-        p.error("--train_shards streams fixed-size samples: no --cache_latents/--aspect_ratio_buckets")
     return args
 
 
@@ -217,25 +211,151 @@ def build_data(args, tokenizers, rank, world, log):
     return ds, records, factory, sampler.num_batches()
 
 
+def check_args(args) -> None:
+    """Flag combinations argparse cannot express; a bad one is a :class:`TrainingInputError` naming the flags."""
+    from faceid.train.errors import TrainingInputError
+
+    sources = [x for x in (args.data_json_file, args.train_data_dir, args.train_shards) if x]
+    if len(sources) != 1:
+        raise TrainingInputError("give exactly one of --data_json_file, --train_data_dir, --train_shards")
+    if not os.path.exists(sources[0]):
+        raise TrainingInputError(f"{sources[0]}: no such file or folder (check the data flag)")
+    if args.cache_latents and (args.random_crop or args.random_flip > 0):
+        raise TrainingInputError(
+            "--cache_latents needs a deterministic view: drop --random_crop/--random_flip"
+        )
+    if args.train_shards and (args.cache_latents or args.aspect_ratio_buckets):
+        raise TrainingInputError(
+            "--train_shards streams fixed-size samples: no --cache_latents/--aspect_ratio_buckets"
+        )
+    if not (args.train_identitynet or args.train_resampler or args.train_ip_layers):
+        raise TrainingInputError("nothing to train: enable at least one of IdentityNet, Resampler, IP layers")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        from faceid.train.checkpoints import resolve_resume
+
+        resolve_resume(args.output_dir, args.resume_from_checkpoint)  # fails before the models load
+
+
+def make_optimizer(args, params, accum: int, world: int, max_steps: int):
+    """AdamW (or bitsandbytes' 8-bit AdamW) and the learning-rate schedule."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from faceid.train.errors import TrainingInputError
+
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= accum * args.train_batch_size * world
+    opt_cls = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise TrainingInputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from exc
+        opt_cls = bnb.optim.AdamW8bit
+    optimizer = opt_cls(
+        params,
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    # accelerate steps a prepared scheduler once per process: count steps × processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * world,
+        num_training_steps=max_steps * world,
+    )
+    return optimizer, lr_scheduler
+
+
+def log_validation(parts, model, items, prompts, args, step, accelerator):
+    """Generate one image per (face, prompt) with the InstantID pipeline and the weights being trained; save the
+    grid to ``OUTPUT/validation/step-N.png`` and send it to the trackers. Returns the grid's path."""
+    import torch
+
+    with torch.no_grad():
+        return _log_validation(parts, model, items, prompts, args, step, accelerator)
+
+
+def _log_validation(parts, model, items, prompts, args, step, accelerator):
+    import numpy as np
+    import torch
+    from diffusers import EulerDiscreteScheduler
+    from PIL import Image
+
+    from pipeline_stable_diffusion_xl_instantid import StableDiffusionXLInstantIDPipeline
+
+    was_training = [m.training for m in (model.controlnet, model.image_proj)]
+    model.eval()
+    pipe = StableDiffusionXLInstantIDPipeline(
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        text_encoder_2=parts["text_encoder_2"],
+        tokenizer=parts["tokenizer"],
+        tokenizer_2=parts["tokenizer_2"],
+        unet=model.unet,
+        controlnet=model.controlnet,
+        scheduler=EulerDiscreteScheduler.from_config(parts["noise_scheduler"].config),
+        add_watermarker=False,
+    )
+    pipe.image_proj_model = model.image_proj
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for emb, kps in items:
+        row = []
+        for prompt in prompts:
+            # The same seed every time: grids of successive steps differ only by the weights.
+            g = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+            with accelerator.autocast():
+                img = pipe(
+                    prompt,
+                    image_embeds=emb,
+                    image=kps,
+                    height=kps.size[1],
+                    width=kps.size[0],
+                    num_inference_steps=args.validation_steps_count,
+                    guidance_scale=args.validation_guidance_scale,
+                    generator=g,
+                ).images[0]
+            row.append(img)
+        rows.append(row)
+    del pipe
+    model.controlnet.train(was_training[0])
+    model.image_proj.train(was_training[1])
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)))
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid.paste(img, (c * w, r * h))
+    out = os.path.join(args.output_dir, "validation", f"step-{step:07d}.png")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    grid.save(out)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=step)
+    return out
+
+
 def main(args):
     import torch
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import DistributedType, ProjectConfiguration
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    import faceid.train.model as training  # module attribute access: tests patch training.compute_loss
     from faceid.train import checkpoints as ckpt
-    from faceid.train.model import (
-        CondCache,
-        compute_loss,
-        load_components,
-        micro_generator,
-        run_validation,
-        trainable_parameters,
-        validation_items,
-    )
+    from faceid.train.errors import TrainingInputError
 
+    check_args(args)
+
+    # 1. Accelerator and logging
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report_to = None if args.report_to == "none" else args.report_to
     if not torch.distributed.is_initialized():
@@ -257,77 +377,44 @@ def main(args):
     log = get_logger("train_instantid")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    # Frozen weights run in the mixed-precision dtype; trained weights stay fp32 (their updates are tiny).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-
-    parts = load_components(args, weight_dtype, accelerator.device)
-    model = parts["model"]
     rank, world = accelerator.process_index, accelerator.num_processes
+
+    # 2. Models: frozen SDXL (VAE, text encoders, UNet), trained IdentityNet, Resampler and IP layers
+    parts = training.load_components(args, weight_dtype, accelerator.device)
+    model = parts["model"]
+
+    # 3. Data: every rank reads its own deterministic share (a function of seed, epoch, batch)
     ds, records, make_loader, batches_per_epoch = build_data(
         args, (parts["tokenizer"], parts["tokenizer_2"]), rank, world, log
     )
     accum = max(1, args.gradient_accumulation_steps)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accum > 1:
-        raise ValueError(
+        raise TrainingInputError(
             "with DeepSpeed set gradient_accumulation_steps in its config and pass --gradient_accumulation_steps 1"
         )
     updates_per_epoch = math.ceil(batches_per_epoch / accum)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
 
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= accum * args.train_batch_size * world
-    params = trainable_parameters(model)
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from exc
-        opt_cls = bnb.optim.AdamW8bit
-    else:
-        opt_cls = torch.optim.AdamW
-    optimizer = opt_cls(
-        params,
-        lr=lr,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * world,
-        num_training_steps=max_steps * world,
-    )
+    # 4. Optimizer and learning-rate schedule, over the trained parameters only
+    params = training.trainable_parameters(model)
+    optimizer, lr_scheduler = make_optimizer(args, params, accum, world, max_steps)
+
+    # 5. Prepare for the launch setup, then resume: checkpoints hold the trained weights in the official layout
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ckpt.register_hooks(accelerator, accelerator.unwrap_model)
     parts["model"] = model
+    unwrapped = accelerator.unwrap_model(model)
+    global_step = resume(args, accelerator, log, batches_per_epoch, accum, world)
+    first_epoch, start_update = divmod(global_step, updates_per_epoch)
 
-    global_step, first_epoch, start_update = 0, 0, 0
-    resume = ckpt.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint and resume is None:
-        log.info(f"No complete checkpoint in {args.output_dir}; starting a new run")
-    if resume is not None:
-        log.info(f"Resuming from {resume}")
-        accelerator.load_state(str(resume))
-        state = ckpt.read_state(resume)
-        global_step = int(state["global_step"])
-        now = {
-            "batches_per_epoch": batches_per_epoch,
-            "gradient_accumulation_steps": accum,
-            "world_size": world,
-        }
-        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) not in (None, v)}
-        if changed:
-            log.warning(
-                f"resuming with a different setup {changed}: the data order will not continue exactly"
-            )
-        first_epoch, start_update = divmod(global_step, updates_per_epoch)
-
+    # 6. Trackers, the run's arguments, validation faces
     if accelerator.is_main_process:
         cfg = {
             k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
@@ -342,26 +429,24 @@ def main(args):
     val_items, val_prompts = [], args.validation_prompt or list(VALIDATION_PROMPTS)
     if args.validation_steps and accelerator.is_main_process:
         if records:
-            val_items = validation_items(records, args.resolution, args.num_validation_faces)
+            val_items = training.validation_items(records, args.resolution, args.num_validation_faces)
         else:
             log.warning("validation uses faces from an index; with --train_shards it is skipped")
-
     log.info(
         f"{len(ds)} items, {batches_per_epoch} batches/epoch/process, {world} processes, {max_steps} steps, "
         f"{num_epochs} epochs; starting at step {global_step}"
     )
-    cache = CondCache(args.cache_latents, args.cache_text_embeddings)
+
+    # 7. Training loop
+    cache = training.CondCache(args.cache_latents, args.cache_text_embeddings)
     bar = tqdm(
         range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
+    logs_out = StepLogs(args, rank, accelerator)
     nonfinite_in_a_row = 0
-    train_log = os.path.join(args.output_dir, "train_log.jsonl")
-    sample_log = os.path.join(args.output_dir, "samples", f"rank-{rank}.jsonl")
-    if args.log_samples:
-        os.makedirs(os.path.dirname(sample_log), exist_ok=True)
-    unwrapped = accelerator.unwrap_model(model)
 
-    def state_dict_for(step):
+    def trainer_state(step):
+        # What resume compares with the new run's setup (a change breaks the exact data order).
         return {"global_step": step, "epoch": step // updates_per_epoch, "batches_per_epoch": batches_per_epoch,
                 "gradient_accumulation_steps": accum, "world_size": world, "seed": args.seed}  # fmt: skip
 
@@ -370,7 +455,9 @@ def main(args):
             break
         first_u = start_update if epoch == first_epoch else 0
         if args.cache_latents and hasattr(ds, "with_pixels"):
+            # Once every posterior is cached the loader stops decoding images.
             ds.with_pixels = len(cache.latents) < len(ds)
+        # Resuming mid-epoch: the loader starts at the first unseen batch, without loading the ones before.
         loader = iter(make_loader(epoch, first_u * accum))
         for u in range(first_u, updates_per_epoch):
             n_micro = min(accum, batches_per_epoch - u * accum)
@@ -379,10 +466,12 @@ def main(args):
                 t0 = time.perf_counter()
                 batch = next(loader)
                 data_time += time.perf_counter() - t0
+                # Noise and timesteps depend on (seed, micro-step, rank) only: a resumed run draws the same.
                 micro = (epoch * batches_per_epoch) + u * accum + m
-                gen = micro_generator(args.seed, micro, rank, accelerator.device)
+                gen = training.micro_generator(args.seed, micro, rank, accelerator.device)
                 with accelerator.autocast():
-                    loss = compute_loss(batch, parts, args, gen, weight_dtype, cache)
+                    loss = training.compute_loss(batch, parts, args, gen, weight_dtype, cache)
+                # Every rank must agree to skip, or DDP's all-reduce in backward would hang.
                 flag = accelerator.reduce(
                     torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=accelerator.device), "max"
                 )
@@ -390,19 +479,24 @@ def main(args):
                     bad = True
                     continue
                 losses.append(loss.detach())
+                # Gradients are all-reduced once per update, on its last micro-batch.
                 sync = m == n_micro - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     accelerator.backward(loss / n_micro)
                 step_samples.append({"index": list(batch["index"]), "ref_index": list(batch["ref_index"])})
             grad_norm = None
             if bad:
+                # One bad batch (a NaN from fp16 overflow, a broken sample) should not end a long run; many should.
                 nonfinite_in_a_row += 1
                 optimizer.zero_grad(set_to_none=True)
                 log.warning(
                     f"step {global_step + 1}: non-finite loss; step skipped ({nonfinite_in_a_row} in a row)"
                 )
                 if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row; stopping")
+                    raise RuntimeError(
+                        f"{nonfinite_in_a_row} non-finite losses in a row; stopping (lower the learning rate, "
+                        "use bf16 or an fp16-safe VAE, or check the data)"
+                    )
             else:
                 nonfinite_in_a_row = 0
                 if args.max_grad_norm and args.max_grad_norm > 0:
@@ -412,30 +506,23 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
             global_step += 1
             bar.update(1)
-            if args.log_samples:
-                local = None if bad else float(torch.stack(losses).mean())
-                entry = {"step": global_step, "rank": rank, "loss": local, "batches": step_samples}
-                with open(sample_log, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(entry) + "\n")
-            step_time = time.perf_counter() - t_step
+            logs_out.samples(global_step, None if bad else losses, step_samples)
             if not bad:
+                step_time = time.perf_counter() - t_step
                 mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
                 logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "data_time": data_time,
                         "step_time": step_time,
                         "samples_per_sec": n_micro * args.train_batch_size * world / max(step_time, 1e-9)}  # fmt: skip
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
-                accelerator.log(logs, step=global_step)
-                if accelerator.is_main_process:
-                    with open(train_log, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": global_step, **logs}) + "\n")
+                logs_out.scalars(global_step, logs)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 path = ckpt.save_checkpoint(
                     accelerator,
                     args.output_dir,
                     global_step,
-                    state_dict_for(global_step),
+                    trainer_state(global_step),
                     args.checkpoints_total_limit,
                 )
                 log.info(f"Saved {path}")
@@ -443,12 +530,10 @@ def main(args):
                 args.validation_steps
                 and global_step % args.validation_steps == 0
                 and accelerator.is_main_process
+                and val_items
             ):
-                if val_items:
-                    out = run_validation(
-                        parts, unwrapped, val_items, val_prompts, args, global_step, accelerator, weight_dtype
-                    )
-                    log.info(f"Validation grid: {out}")
+                out = log_validation(parts, unwrapped, val_items, val_prompts, args, global_step, accelerator)
+                log.info(f"Validation grid: {out}")
             if global_step >= max_steps:
                 break
             if args.stop_after_steps and global_step >= args.stop_after_steps:
@@ -457,6 +542,7 @@ def main(args):
                 return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=False)
         del loader
 
+    # 8. Export the final weights in the layout inference loads
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpt.export_weights(args.output_dir, unwrapped)
@@ -465,5 +551,56 @@ def main(args):
     return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=True)
 
 
+def resume(args, accelerator, log, batches_per_epoch: int, accum: int, world: int) -> int:
+    """Load the checkpoint ``--resume_from_checkpoint`` names (if any) and return its global step."""
+    from faceid.train import checkpoints as ckpt
+
+    path = ckpt.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and path is None:
+        log.info(f"No complete checkpoint in {args.output_dir}; starting a new run")
+    if path is None:
+        return 0
+    log.info(f"Resuming from {path}")
+    accelerator.load_state(str(path))
+    state = ckpt.read_state(path)
+    now = {"batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accum, "world_size": world}
+    changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) not in (None, v)}
+    if changed:
+        log.warning(f"resuming with a different setup {changed}: the data order will not continue exactly")
+    return int(state["global_step"])
+
+
+class StepLogs:
+    """``train_log.jsonl`` + trackers (main process) and ``samples/rank-R.jsonl`` (each process)."""
+
+    def __init__(self, args, rank: int, accelerator):
+        self.accelerator = accelerator
+        self.train_log = os.path.join(args.output_dir, "train_log.jsonl")
+        self.sample_log = (
+            os.path.join(args.output_dir, "samples", f"rank-{rank}.jsonl") if args.log_samples else None
+        )
+        self.rank = rank
+        if self.sample_log:
+            os.makedirs(os.path.dirname(self.sample_log), exist_ok=True)
+
+    def samples(self, step: int, losses, batches) -> None:
+        if not self.sample_log:
+            return
+        import torch
+
+        local = None if losses is None else float(torch.stack(losses).mean())
+        entry = {"step": step, "rank": self.rank, "loss": local, "batches": batches}
+        with open(self.sample_log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def scalars(self, step: int, logs: dict) -> None:
+        self.accelerator.log(logs, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.train_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    from faceid.train.errors import run_cli
+
+    sys.exit(run_cli(main, parse_args, prog="train"))

@@ -18,12 +18,17 @@ from pathlib import Path
 import torch
 
 from faceid.files import write_json_atomic
+from faceid.train.errors import TrainingInputError
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_BIN = "ip-adapter.bin"
 ADAPTER_SAFETENSORS = "ip-adapter.safetensors"
 CONTROLNET_DIR = "ControlNetModel"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class MissingCheckpointError(TrainingInputError, FileNotFoundError):
+    """``--resume_from_checkpoint`` names something that is not a complete checkpoint."""
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -50,7 +55,10 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / resume
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+        raise MissingCheckpointError(
+            f"{path}: not a complete checkpoint (no {STATE_FILE}); pass --resume_from_checkpoint latest or the "
+            f"path of a checkpoint-N folder"
+        )
     return path
 
 

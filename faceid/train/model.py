@@ -1,4 +1,5 @@
-"""Model setup, the loss and validation for ``train_instantId_sdxl.py``.
+"""Model setup, the loss and the validation faces for ``train_instantId_sdxl.py`` (which generates the
+validation grid itself: packages never import the top-level pipeline script).
 
 The trained module is :class:`TrainModel`: Resampler (face embedding → face tokens) + the SDXL UNet with
 InstantID attention processors + IdentityNet. The UNet sees ``cat([text tokens, face tokens])``; IdentityNet sees
@@ -8,9 +9,7 @@ the face tokens only, the keypoint image and the same SDXL micro-conditioning.
 from __future__ import annotations
 
 import logging
-import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -263,66 +262,4 @@ def validation_items(records, resolution: int, count: int):
         out.append(
             (load_embedding(rec.embedding), Image.fromarray(kps_image(transform_kps(rec.kps, plan), plan)))
         )
-    return out
-
-
-@torch.no_grad()
-def run_validation(parts, model, items, prompts, args, step, accelerator, weight_dtype):
-    """Generate one image per (face, prompt) with the InstantID pipeline; save a grid and log it."""
-    from diffusers import EulerDiscreteScheduler
-    from PIL import Image
-
-    from pipeline_stable_diffusion_xl_instantid import StableDiffusionXLInstantIDPipeline
-
-    was_training = [m.training for m in (model.controlnet, model.image_proj)]
-    model.eval()
-    pipe = StableDiffusionXLInstantIDPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        text_encoder_2=parts["text_encoder_2"],
-        tokenizer=parts["tokenizer"],
-        tokenizer_2=parts["tokenizer_2"],
-        unet=model.unet,
-        controlnet=model.controlnet,
-        scheduler=EulerDiscreteScheduler.from_config(parts["noise_scheduler"].config),
-        add_watermarker=False,
-    )
-    pipe.image_proj_model = model.image_proj
-    pipe.set_progress_bar_config(disable=True)
-    rows = []
-    for emb, kps in items:
-        row = []
-        for prompt in prompts:
-            g = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-            with accelerator.autocast():
-                img = pipe(
-                    prompt,
-                    image_embeds=emb,
-                    image=kps,
-                    height=kps.size[1],
-                    width=kps.size[0],
-                    num_inference_steps=args.validation_steps_count,
-                    guidance_scale=args.validation_guidance_scale,
-                    generator=g,
-                ).images[0]
-            row.append(img)
-        rows.append(row)
-    del pipe
-    model.controlnet.train(was_training[0])
-    model.image_proj.train(was_training[1])
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)))
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            grid.paste(img, (c * w, r * h))
-    out = os.path.join(args.output_dir, "validation", f"step-{step:07d}.png")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    grid.save(out)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=step)
     return out

@@ -33,6 +33,7 @@ VALIDATION_PROMPTS = (
     "a portrait of a person as an astronaut, film grain",
 )
 MAX_NONFINITE_IN_A_ROW = 10
+EMA_DECAY = 0.9999
 
 logger = logging.getLogger("train_instantid")
 
@@ -124,6 +125,12 @@ def parse_args(argv=None):
     g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting (5.0 is usual)")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="keep an EMA of the trained weights; export it as the final weights",
+    )
+    g.add_argument("--ema_decay", type=float, default=EMA_DECAY)
     g.add_argument(
         "--stop_after_steps", type=int, default=None, help=argparse.SUPPRESS
     )  # tests: simulate a kill
@@ -230,6 +237,8 @@ def check_args(args) -> None:
         )
     if not (args.train_identitynet or args.train_resampler or args.train_ip_layers):
         raise TrainingInputError("nothing to train: enable at least one of IdentityNet, Resampler, IP layers")
+    if args.use_ema and not 0.0 <= args.ema_decay < 1.0:
+        raise TrainingInputError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         from faceid.train.checkpoints import resolve_resume
 
@@ -351,6 +360,7 @@ def main(args):
 
     import faceid.train.model as training  # module attribute access: tests patch training.compute_loss
     from faceid.train import checkpoints as ckpt
+    from faceid.train.ema import EMA
     from faceid.train.errors import TrainingInputError
 
     check_args(args)
@@ -411,7 +421,9 @@ def main(args):
     ckpt.register_hooks(accelerator, accelerator.unwrap_model)
     parts["model"] = model
     unwrapped = accelerator.unwrap_model(model)
-    global_step = resume(args, accelerator, log, batches_per_epoch, accum, world)
+    # The average starts from the weights training starts with (resume replaces it with the saved one).
+    ema = EMA(unwrapped, args.ema_decay) if args.use_ema else None
+    global_step = resume(args, accelerator, log, batches_per_epoch, accum, world, unwrapped, ema)
     first_epoch, start_update = divmod(global_step, updates_per_epoch)
 
     # 6. Trackers, the run's arguments, validation faces
@@ -504,6 +516,8 @@ def main(args):
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(unwrapped)
             global_step += 1
             bar.update(1)
             logs_out.samples(global_step, None if bad else losses, step_samples)
@@ -524,6 +538,7 @@ def main(args):
                     global_step,
                     trainer_state(global_step),
                     args.checkpoints_total_limit,
+                    write_extra=ema.save if ema is not None else None,
                 )
                 log.info(f"Saved {path}")
             if (
@@ -542,8 +557,10 @@ def main(args):
                 return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=False)
         del loader
 
-    # 8. Export the final weights in the layout inference loads
+    # 8. Export the final weights in the layout inference loads (the EMA when on)
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(unwrapped)
     if accelerator.is_main_process:
         ckpt.export_weights(args.output_dir, unwrapped)
         log.info(f"Final weights: {args.output_dir}/ip-adapter.bin, {args.output_dir}/ControlNetModel/")
@@ -551,7 +568,7 @@ def main(args):
     return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=True)
 
 
-def resume(args, accelerator, log, batches_per_epoch: int, accum: int, world: int) -> int:
+def resume(args, accelerator, log, batches_per_epoch: int, accum: int, world: int, model, ema=None) -> int:
     """Load the checkpoint ``--resume_from_checkpoint`` names (if any) and return its global step."""
     from faceid.train import checkpoints as ckpt
 
@@ -562,6 +579,9 @@ def resume(args, accelerator, log, batches_per_epoch: int, accum: int, world: in
         return 0
     log.info(f"Resuming from {path}")
     accelerator.load_state(str(path))
+    if ema is not None and not ema.load(path):
+        log.warning(f"{path} holds no EMA: the average starts from the resumed weights")
+        ema.reset(model)
     state = ckpt.read_state(path)
     now = {"batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accum, "world_size": world}
     changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) not in (None, v)}

@@ -147,8 +147,11 @@ def register_hooks(accelerator, unwrap) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict, total_limit=None):
-    """Write ``checkpoint-<step>`` atomically (all processes must call this). Returns the final path."""
+def save_checkpoint(
+    accelerator, output_dir: str | os.PathLike, step: int, state: dict, total_limit=None, write_extra=None
+):
+    """Write ``checkpoint-<step>`` atomically (all processes must call this). ``write_extra(folder)`` adds files
+    (the EMA) on the main process before the state file marks the checkpoint complete. Returns the final path."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
@@ -159,6 +162,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(partial)
         write_json_atomic(partial / STATE_FILE, state)
         if final.exists():
             shutil.rmtree(final)

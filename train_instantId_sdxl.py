@@ -102,6 +102,11 @@ def parse_args(argv=None):
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--cache_latents", action="store_true", help="keep VAE posteriors in memory (centre crop)")
     g.add_argument("--cache_text_embeddings", action="store_true")
+    g.add_argument(
+        "--precomputed_cache",
+        default=None,
+        help="folder written by precompute_cache.py: latents/text embeddings read instead of computed",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", default=OUTPUT_DIR)
@@ -160,8 +165,28 @@ def parse_args(argv=None):
     return args
 
 
-def build_data(args, tokenizers, rank, world, log):
-    """→ (dataset, records or None, loader_factory(epoch, start_batch), batches_per_epoch)."""
+def open_disk_cache(args, enc: dict, source: dict, buckets, item_ids, captions):
+    """The ``--precomputed_cache``, checked against this run's settings and data (or a message naming the
+    difference); ``None`` without the flag."""
+    if not args.precomputed_cache:
+        return None
+    from faceid.train import disk_cache as dc
+
+    cache = dc.DiskCache(args.precomputed_cache)
+    built = cache.manifest
+    flip = built["flip"]
+    if args.random_flip > 0 and flip != "both":
+        flip = f"both (for --random_flip {args.random_flip})"
+    wanted = dc.expected_manifest(enc, source, args.resolution, buckets, flip, built["what"])
+    hint = "Rebuild it with precompute_cache.py and this run's model/data/resolution/bucket/flip flags."
+    dc.check_manifest(built, wanted, args.precomputed_cache, hint)
+    cache.check_complete(item_ids, captions)
+    return cache
+
+
+def build_data(args, tokenizers, rank, world, log, enc=None):
+    """→ (dataset, records or None, loader_factory(epoch, start_batch), batches_per_epoch). ``enc`` (the loaded
+    encoders) is needed to check a ``--precomputed_cache``."""
     import torch
 
     from faceid.train.dataset import EpochBatchSampler, FaceTrainDataset, collate
@@ -189,6 +214,12 @@ def build_data(args, tokenizers, rank, world, log):
             world_size=world,
             **common,
         )
+        if args.precomputed_cache:
+            metas = [meta for meta, _ in ds.cache_views()]
+            source = {"kind": "shards", "path": os.path.abspath(args.train_shards), "items": len(metas)}
+            ds.disk_cache = open_disk_cache(
+                args, enc, source, None, [m["id"] for m in metas], [m["caption"] for m in metas]
+            )
 
         def factory(epoch, start):
             ds.set_epoch(epoch, start)
@@ -205,7 +236,11 @@ def build_data(args, tokenizers, rank, world, log):
         path, fmt, args.data_root_path, args.person_id_from_folder, args.skip_bad_samples, logger=log
     )
     buckets = scaled_buckets(args.resolution, args.bucket_multiple) if args.aspect_ratio_buckets else None
-    ds = FaceTrainDataset(records, tokenizers, buckets=buckets, **common)
+    source = {"kind": "index", "path": os.path.abspath(path), "items": len(records)}
+    cache = open_disk_cache(
+        args, enc, source, buckets, [r.key for r in records], [r.caption for r in records]
+    )
+    ds = FaceTrainDataset(records, tokenizers, buckets=buckets, disk_cache=cache, **common)
     sampler = EpochBatchSampler(ds.bucket_groups(), args.train_batch_size, args.seed, rank, world)
 
     def factory(epoch, start):
@@ -235,6 +270,15 @@ def check_args(args) -> None:
         raise TrainingInputError(
             "--train_shards streams fixed-size samples: no --cache_latents/--aspect_ratio_buckets"
         )
+    if args.precomputed_cache:
+        if args.random_crop:
+            raise TrainingInputError(
+                "--precomputed_cache holds the centre crop of each bucket: drop --random_crop (or train without it)"
+            )
+        if args.cache_latents or args.cache_text_embeddings:
+            raise TrainingInputError(
+                "--precomputed_cache replaces --cache_latents/--cache_text_embeddings: drop them"
+            )
     if not (args.train_identitynet or args.train_resampler or args.train_ip_layers):
         raise TrainingInputError("nothing to train: enable at least one of IdentityNet, Resampler, IP layers")
     if args.use_ema and not 0.0 <= args.ema_decay < 1.0:
@@ -401,7 +445,7 @@ def main(args):
 
     # 3. Data: every rank reads its own deterministic share (a function of seed, epoch, batch)
     ds, records, make_loader, batches_per_epoch = build_data(
-        args, (parts["tokenizer"], parts["tokenizer_2"]), rank, world, log
+        args, (parts["tokenizer"], parts["tokenizer_2"]), rank, world, log, enc=parts
     )
     accum = max(1, args.gradient_accumulation_steps)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accum > 1:

@@ -34,6 +34,8 @@ VALIDATION_PROMPTS = (
 )
 MAX_NONFINITE_IN_A_ROW = 10
 EMA_DECAY = 0.9999
+ID_LOSS_RECOGNIZER = "models/antelopev2/glintr100.onnx"  # antelopev2's ArcFace (get_face_info's --root)
+ID_LOSS_MAX_TIMESTEP = 400  # above it the one-step x0 estimate is too blurry to recognise a face
 
 logger = logging.getLogger("train_instantid")
 
@@ -128,6 +130,19 @@ def parse_args(argv=None):
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--noise_offset", type=float, default=0.0)
     g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting (5.0 is usual)")
+    g.add_argument("--id_loss_weight", type=float, default=0.0, help="identity loss weight (0: off)")
+    g.add_argument(
+        "--id_loss_max_timestep",
+        type=int,
+        default=ID_LOSS_MAX_TIMESTEP,
+        help="identity loss only below this t",
+    )
+    g.add_argument(
+        "--id_loss_recognizer",
+        default=ID_LOSS_RECOGNIZER,
+        help="face recognizer ONNX ([N,3,112,112] -> [N,D])",
+    )
+    g.add_argument("--id_loss_margin", type=int, default=2, help="latent pixels decoded around the face box")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument(
@@ -283,6 +298,11 @@ def check_args(args) -> None:
         raise TrainingInputError("nothing to train: enable at least one of IdentityNet, Resampler, IP layers")
     if args.use_ema and not 0.0 <= args.ema_decay < 1.0:
         raise TrainingInputError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.id_loss_weight > 0 and not os.path.isfile(args.id_loss_recognizer):
+        raise TrainingInputError(
+            f"--id_loss_weight needs a recognizer ONNX: {args.id_loss_recognizer} not found "
+            "(python download.py fetches antelopev2; or pass --id_loss_recognizer PATH)"
+        )
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         from faceid.train.checkpoints import resolve_resume
 
@@ -442,6 +462,13 @@ def main(args):
     # 2. Models: frozen SDXL (VAE, text encoders, UNet), trained IdentityNet, Resampler and IP layers
     parts = training.load_components(args, weight_dtype, accelerator.device)
     model = parts["model"]
+    if args.id_loss_weight > 0:
+        # Frozen recognizer (onnx2torch); only the face region is decoded, see faceid/train/identity.py.
+        from faceid.train.identity import IdentityLoss
+
+        parts["id_loss"] = IdentityLoss(
+            args.id_loss_recognizer, args.id_loss_max_timestep, args.id_loss_margin, accelerator.device
+        )
 
     # 3. Data: every rank reads its own deterministic share (a function of seed, epoch, batch)
     ds, records, make_loader, batches_per_epoch = build_data(
@@ -518,6 +545,7 @@ def main(args):
         for u in range(first_u, updates_per_epoch):
             n_micro = min(accum, batches_per_epoch - u * accum)
             t_step, data_time, bad, losses, step_samples = time.perf_counter(), 0.0, False, [], []
+            id_sum, id_count = 0.0, 0
             for m in range(n_micro):
                 t0 = time.perf_counter()
                 batch = next(loader)
@@ -525,8 +553,12 @@ def main(args):
                 # Noise and timesteps depend on (seed, micro-step, rank) only: a resumed run draws the same.
                 micro = (epoch * batches_per_epoch) + u * accum + m
                 gen = training.micro_generator(args.seed, micro, rank, accelerator.device)
+                stats = {}
                 with accelerator.autocast():
-                    loss = training.compute_loss(batch, parts, args, gen, weight_dtype, cache)
+                    loss = training.compute_loss(batch, parts, args, gen, weight_dtype, cache, stats=stats)
+                if "id_loss" in stats:
+                    id_sum += float(stats["id_loss"]) * stats["id_count"]
+                    id_count += stats["id_count"]
                 # Every rank must agree to skip, or DDP's all-reduce in backward would hang.
                 flag = accelerator.reduce(
                     torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=accelerator.device), "max"
@@ -573,6 +605,14 @@ def main(args):
                         "samples_per_sec": n_micro * args.train_batch_size * world / max(step_time, 1e-9)}  # fmt: skip
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
+                if (
+                    args.id_loss_weight > 0
+                ):  # logged apart: mean over the samples it applied to, all processes
+                    s, c = accelerator.gather(
+                        torch.tensor([[id_sum, id_count]], device=accelerator.device)
+                    ).sum(0)
+                    if c > 0:
+                        logs["id_loss"] = float(s / c)
                 logs_out.scalars(global_step, logs)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:

@@ -190,8 +190,10 @@ class CondCache:
         self.text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache | None = None):
-    """One micro-batch: encode, noise, predict, MSE (optionally min-SNR weighted). Returns the mean loss."""
+def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache | None = None, stats=None):
+    """One micro-batch: encode, noise, predict, MSE (optionally min-SNR weighted), plus the identity loss when
+    ``parts["id_loss"]`` is set and ``--id_loss_weight`` > 0. Returns the loss; ``stats`` (a dict) receives
+    ``mse`` and, when applied, ``id_loss`` and ``id_count`` (samples under the timestep threshold)."""
     from diffusers.training_utils import compute_snr
 
     from faceid.train.transforms import cond_to_float, pixels_to_float
@@ -249,13 +251,24 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
     else:
         target = noise
     if args.snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    snr = compute_snr(sched, timesteps)
-    weights = torch.clamp(snr, max=args.snr_gamma) / (
-        snr + 1 if sched.config.prediction_type == "v_prediction" else snr
-    )
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
-    return (loss * weights).mean()
+        loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+    else:
+        snr = compute_snr(sched, timesteps)
+        weights = torch.clamp(snr, max=args.snr_gamma) / (
+            snr + 1 if sched.config.prediction_type == "v_prediction" else snr
+        )
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+        loss = (loss * weights).mean()
+    if stats is not None:
+        stats["mse"] = loss.detach()
+    id_loss = parts.get("id_loss")
+    if id_loss is not None and getattr(args, "id_loss_weight", 0.0) > 0:
+        value, count = id_loss(pred, noisy, timesteps, batch, sched, vae)
+        if value is not None:
+            loss = loss + args.id_loss_weight * value
+            if stats is not None:
+                stats["id_loss"], stats["id_count"] = value.detach(), count
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ VALIDATION_PROMPTS = (
     "a portrait of a person as an astronaut, film grain",
 )
 MAX_NONFINITE_IN_A_ROW = 10
+EMA_DECAY = 0.9999
+ID_LOSS_RECOGNIZER = "models/antelopev2/glintr100.onnx"  # antelopev2's ArcFace (get_face_info's --root)
+ID_LOSS_MAX_TIMESTEP = 400  # above it the one-step x0 estimate is too blurry to recognise a face
 
 logger = logging.getLogger("train_instantid")
 
@@ -100,6 +103,11 @@ def parse_args(argv=None):
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--cache_latents", action="store_true", help="keep VAE posteriors in memory (centre crop)")
     g.add_argument("--cache_text_embeddings", action="store_true")
+    g.add_argument(
+        "--precomputed_cache",
+        default=None,
+        help="folder written by precompute_cache.py: latents/text embeddings read instead of computed",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", default=OUTPUT_DIR)
@@ -121,8 +129,27 @@ def parse_args(argv=None):
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--noise_offset", type=float, default=0.0)
     g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR weighting (5.0 is usual)")
+    g.add_argument("--id_loss_weight", type=float, default=0.0, help="identity loss weight (0: off)")
+    g.add_argument(
+        "--id_loss_max_timestep",
+        type=int,
+        default=ID_LOSS_MAX_TIMESTEP,
+        help="identity loss only below this t",
+    )
+    g.add_argument(
+        "--id_loss_recognizer",
+        default=ID_LOSS_RECOGNIZER,
+        help="face recognizer ONNX ([N,3,112,112] -> [N,D])",
+    )
+    g.add_argument("--id_loss_margin", type=int, default=2, help="latent pixels decoded around the face box")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="keep an EMA of the trained weights; export it as the final weights",
+    )
+    g.add_argument("--ema_decay", type=float, default=EMA_DECAY)
     g.add_argument(
         "--stop_after_steps", type=int, default=None, help=argparse.SUPPRESS
     )  # tests: simulate a kill
@@ -149,18 +176,31 @@ def parse_args(argv=None):
         help="append each step's item/reference ids to OUTPUT/samples/rank-R.jsonl",
     )
     args = p.parse_args(argv)
-    sources = [x for x in (args.data_json_file, args.train_data_dir, args.train_shards) if x]
-    if len(sources) != 1:
-        p.error("give exactly one of --data_json_file, --train_data_dir, --train_shards")
-    if args.cache_latents and (args.random_crop or args.random_flip > 0):
-        p.error("--cache_latents needs a deterministic view: drop --random_crop/--random_flip")
-    if args.train_shards and (args.cache_latents or args.aspect_ratio_buckets):
-        p.error("--train_shards streams fixed-size samples: no --cache_latents/--aspect_ratio_buckets")
     return args
 
 
-def build_data(args, tokenizers, rank, world, log):
-    """→ (dataset, records or None, loader_factory(epoch, start_batch), batches_per_epoch)."""
+def open_disk_cache(args, enc: dict, source: dict, buckets, item_ids, captions):
+    """The ``--precomputed_cache``, checked against this run's settings and data (or a message naming the
+    difference); ``None`` without the flag."""
+    if not args.precomputed_cache:
+        return None
+    from faceid.train import disk_cache as dc
+
+    cache = dc.DiskCache(args.precomputed_cache)
+    built = cache.manifest
+    flip = built["flip"]
+    if args.random_flip > 0 and flip != "both":
+        flip = f"both (for --random_flip {args.random_flip})"
+    wanted = dc.expected_manifest(enc, source, args.resolution, buckets, flip, built["what"])
+    hint = "Rebuild it with precompute_cache.py and this run's model/data/resolution/bucket/flip flags."
+    dc.check_manifest(built, wanted, args.precomputed_cache, hint)
+    cache.check_complete(item_ids, captions)
+    return cache
+
+
+def build_data(args, tokenizers, rank, world, log, enc=None):
+    """→ (dataset, records or None, loader_factory(epoch, start_batch), batches_per_epoch). ``enc`` (the loaded
+    encoders) is needed to check a ``--precomputed_cache``."""
     import torch
 
     from faceid.train.dataset import EpochBatchSampler, FaceTrainDataset, collate
@@ -188,6 +228,12 @@ def build_data(args, tokenizers, rank, world, log):
             world_size=world,
             **common,
         )
+        if args.precomputed_cache:
+            metas = [meta for meta, _ in ds.cache_views()]
+            source = {"kind": "shards", "path": os.path.abspath(args.train_shards), "items": len(metas)}
+            ds.disk_cache = open_disk_cache(
+                args, enc, source, None, [m["id"] for m in metas], [m["caption"] for m in metas]
+            )
 
         def factory(epoch, start):
             ds.set_epoch(epoch, start)
@@ -204,7 +250,11 @@ def build_data(args, tokenizers, rank, world, log):
         path, fmt, args.data_root_path, args.person_id_from_folder, args.skip_bad_samples, logger=log
     )
     buckets = scaled_buckets(args.resolution, args.bucket_multiple) if args.aspect_ratio_buckets else None
-    ds = FaceTrainDataset(records, tokenizers, buckets=buckets, **common)
+    source = {"kind": "index", "path": os.path.abspath(path), "items": len(records)}
+    cache = open_disk_cache(
+        args, enc, source, buckets, [r.key for r in records], [r.caption for r in records]
+    )
+    ds = FaceTrainDataset(records, tokenizers, buckets=buckets, disk_cache=cache, **common)
     sampler = EpochBatchSampler(ds.bucket_groups(), args.train_batch_size, args.seed, rank, world)
 
     def factory(epoch, start):
@@ -217,25 +267,168 @@ def build_data(args, tokenizers, rank, world, log):
     return ds, records, factory, sampler.num_batches()
 
 
+def check_args(args) -> None:
+    """Flag combinations argparse cannot express; a bad one is a :class:`TrainingInputError` naming the flags."""
+    from faceid.train.errors import TrainingInputError
+
+    sources = [x for x in (args.data_json_file, args.train_data_dir, args.train_shards) if x]
+    if len(sources) != 1:
+        raise TrainingInputError("give exactly one of --data_json_file, --train_data_dir, --train_shards")
+    if not os.path.exists(sources[0]):
+        raise TrainingInputError(f"{sources[0]}: no such file or folder (check the data flag)")
+    if args.cache_latents and (args.random_crop or args.random_flip > 0):
+        raise TrainingInputError(
+            "--cache_latents needs a deterministic view: drop --random_crop/--random_flip"
+        )
+    if args.train_shards and (args.cache_latents or args.aspect_ratio_buckets):
+        raise TrainingInputError(
+            "--train_shards streams fixed-size samples: no --cache_latents/--aspect_ratio_buckets"
+        )
+    if args.precomputed_cache:
+        if args.random_crop:
+            raise TrainingInputError(
+                "--precomputed_cache holds the centre crop of each bucket: drop --random_crop (or train without it)"
+            )
+        if args.cache_latents or args.cache_text_embeddings:
+            raise TrainingInputError(
+                "--precomputed_cache replaces --cache_latents/--cache_text_embeddings: drop them"
+            )
+    if not (args.train_identitynet or args.train_resampler or args.train_ip_layers):
+        raise TrainingInputError("nothing to train: enable at least one of IdentityNet, Resampler, IP layers")
+    if args.use_ema and not 0.0 <= args.ema_decay < 1.0:
+        raise TrainingInputError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.id_loss_weight > 0 and not os.path.isfile(args.id_loss_recognizer):
+        raise TrainingInputError(
+            f"--id_loss_weight needs a recognizer ONNX: {args.id_loss_recognizer} not found "
+            "(python download.py fetches antelopev2; or pass --id_loss_recognizer PATH)"
+        )
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        from faceid.train.checkpoints import resolve_resume
+
+        resolve_resume(args.output_dir, args.resume_from_checkpoint)  # fails before the models load
+
+
+def make_optimizer(args, params, accum: int, world: int, max_steps: int):
+    """AdamW (or bitsandbytes' 8-bit AdamW) and the learning-rate schedule."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from faceid.train.errors import TrainingInputError
+
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= accum * args.train_batch_size * world
+    opt_cls = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise TrainingInputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from exc
+        opt_cls = bnb.optim.AdamW8bit
+    optimizer = opt_cls(
+        params,
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    # accelerate steps a prepared scheduler once per process: count steps × processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * world,
+        num_training_steps=max_steps * world,
+    )
+    return optimizer, lr_scheduler
+
+
+def log_validation(parts, model, items, prompts, args, step, accelerator):
+    """Generate one image per (face, prompt) with the InstantID pipeline and the weights being trained; save the
+    grid to ``OUTPUT/validation/step-N.png`` and send it to the trackers. Returns the grid's path."""
+    import torch
+
+    with torch.no_grad():
+        return _log_validation(parts, model, items, prompts, args, step, accelerator)
+
+
+def _log_validation(parts, model, items, prompts, args, step, accelerator):
+    import numpy as np
+    import torch
+    from diffusers import EulerDiscreteScheduler
+    from PIL import Image
+
+    from pipeline_stable_diffusion_xl_instantid import StableDiffusionXLInstantIDPipeline
+
+    was_training = [m.training for m in (model.controlnet, model.image_proj)]
+    model.eval()
+    pipe = StableDiffusionXLInstantIDPipeline(
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        text_encoder_2=parts["text_encoder_2"],
+        tokenizer=parts["tokenizer"],
+        tokenizer_2=parts["tokenizer_2"],
+        unet=model.unet,
+        controlnet=model.controlnet,
+        scheduler=EulerDiscreteScheduler.from_config(parts["noise_scheduler"].config),
+        add_watermarker=False,
+    )
+    pipe.image_proj_model = model.image_proj
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for emb, kps in items:
+        row = []
+        for prompt in prompts:
+            # The same seed every time: grids of successive steps differ only by the weights.
+            g = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+            with accelerator.autocast():
+                img = pipe(
+                    prompt,
+                    image_embeds=emb,
+                    image=kps,
+                    height=kps.size[1],
+                    width=kps.size[0],
+                    num_inference_steps=args.validation_steps_count,
+                    guidance_scale=args.validation_guidance_scale,
+                    generator=g,
+                ).images[0]
+            row.append(img)
+        rows.append(row)
+    del pipe
+    model.controlnet.train(was_training[0])
+    model.image_proj.train(was_training[1])
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)))
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid.paste(img, (c * w, r * h))
+    out = os.path.join(args.output_dir, "validation", f"step-{step:07d}.png")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    grid.save(out)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=step)
+    return out
+
+
 def main(args):
     import torch
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import DistributedType, ProjectConfiguration
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    import faceid.train.model as training  # module attribute access: tests patch training.compute_loss
     from faceid.train import checkpoints as ckpt
-    from faceid.train.model import (
-        CondCache,
-        compute_loss,
-        load_components,
-        micro_generator,
-        run_validation,
-        trainable_parameters,
-        validation_items,
-    )
+    from faceid.train.ema import EMA
+    from faceid.train.errors import TrainingInputError
 
+    check_args(args)
+
+    # 1. Accelerator and logging
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report_to = None if args.report_to == "none" else args.report_to
     if not torch.distributed.is_initialized():
@@ -257,77 +450,53 @@ def main(args):
     log = get_logger("train_instantid")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    # Frozen weights run in the mixed-precision dtype; trained weights stay fp32 (their updates are tiny).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-
-    parts = load_components(args, weight_dtype, accelerator.device)
-    model = parts["model"]
     rank, world = accelerator.process_index, accelerator.num_processes
+
+    # 2. Models: frozen SDXL (VAE, text encoders, UNet), trained IdentityNet, Resampler and IP layers
+    parts = training.load_components(args, weight_dtype, accelerator.device)
+    model = parts["model"]
+    if args.id_loss_weight > 0:
+        # Frozen recognizer (onnx2torch); only the face region is decoded, see faceid/train/identity.py.
+        from faceid.train.identity import IdentityLoss
+
+        parts["id_loss"] = IdentityLoss(
+            args.id_loss_recognizer, args.id_loss_max_timestep, args.id_loss_margin, accelerator.device
+        )
+
+    # 3. Data: every rank reads its own deterministic share (a function of seed, epoch, batch)
     ds, records, make_loader, batches_per_epoch = build_data(
-        args, (parts["tokenizer"], parts["tokenizer_2"]), rank, world, log
+        args, (parts["tokenizer"], parts["tokenizer_2"]), rank, world, log, enc=parts
     )
     accum = max(1, args.gradient_accumulation_steps)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accum > 1:
-        raise ValueError(
+        raise TrainingInputError(
             "with DeepSpeed set gradient_accumulation_steps in its config and pass --gradient_accumulation_steps 1"
         )
     updates_per_epoch = math.ceil(batches_per_epoch / accum)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_steps / updates_per_epoch)
 
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= accum * args.train_batch_size * world
-    params = trainable_parameters(model)
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from exc
-        opt_cls = bnb.optim.AdamW8bit
-    else:
-        opt_cls = torch.optim.AdamW
-    optimizer = opt_cls(
-        params,
-        lr=lr,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * world,
-        num_training_steps=max_steps * world,
-    )
+    # 4. Optimizer and learning-rate schedule, over the trained parameters only
+    params = training.trainable_parameters(model)
+    optimizer, lr_scheduler = make_optimizer(args, params, accum, world, max_steps)
+
+    # 5. Prepare for the launch setup, then resume: checkpoints hold the trained weights in the official layout
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ckpt.register_hooks(accelerator, accelerator.unwrap_model)
     parts["model"] = model
+    unwrapped = accelerator.unwrap_model(model)
+    # The average starts from the weights training starts with (resume replaces it with the saved one).
+    ema = EMA(unwrapped, args.ema_decay) if args.use_ema else None
+    global_step = resume(args, accelerator, log, batches_per_epoch, accum, world, unwrapped, ema)
+    first_epoch, start_update = divmod(global_step, updates_per_epoch)
 
-    global_step, first_epoch, start_update = 0, 0, 0
-    resume = ckpt.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint and resume is None:
-        log.info(f"No complete checkpoint in {args.output_dir}; starting a new run")
-    if resume is not None:
-        log.info(f"Resuming from {resume}")
-        accelerator.load_state(str(resume))
-        state = ckpt.read_state(resume)
-        global_step = int(state["global_step"])
-        now = {
-            "batches_per_epoch": batches_per_epoch,
-            "gradient_accumulation_steps": accum,
-            "world_size": world,
-        }
-        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) not in (None, v)}
-        if changed:
-            log.warning(
-                f"resuming with a different setup {changed}: the data order will not continue exactly"
-            )
-        first_epoch, start_update = divmod(global_step, updates_per_epoch)
-
+    # 6. Trackers, the run's arguments, validation faces
     if accelerator.is_main_process:
         cfg = {
             k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
@@ -342,26 +511,24 @@ def main(args):
     val_items, val_prompts = [], args.validation_prompt or list(VALIDATION_PROMPTS)
     if args.validation_steps and accelerator.is_main_process:
         if records:
-            val_items = validation_items(records, args.resolution, args.num_validation_faces)
+            val_items = training.validation_items(records, args.resolution, args.num_validation_faces)
         else:
             log.warning("validation uses faces from an index; with --train_shards it is skipped")
-
     log.info(
         f"{len(ds)} items, {batches_per_epoch} batches/epoch/process, {world} processes, {max_steps} steps, "
         f"{num_epochs} epochs; starting at step {global_step}"
     )
-    cache = CondCache(args.cache_latents, args.cache_text_embeddings)
+
+    # 7. Training loop
+    cache = training.CondCache(args.cache_latents, args.cache_text_embeddings)
     bar = tqdm(
         range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
+    logs_out = StepLogs(args, rank, accelerator)
     nonfinite_in_a_row = 0
-    train_log = os.path.join(args.output_dir, "train_log.jsonl")
-    sample_log = os.path.join(args.output_dir, "samples", f"rank-{rank}.jsonl")
-    if args.log_samples:
-        os.makedirs(os.path.dirname(sample_log), exist_ok=True)
-    unwrapped = accelerator.unwrap_model(model)
 
-    def state_dict_for(step):
+    def trainer_state(step):
+        # What resume compares with the new run's setup (a change breaks the exact data order).
         return {"global_step": step, "epoch": step // updates_per_epoch, "batches_per_epoch": batches_per_epoch,
                 "gradient_accumulation_steps": accum, "world_size": world, "seed": args.seed}  # fmt: skip
 
@@ -370,19 +537,28 @@ def main(args):
             break
         first_u = start_update if epoch == first_epoch else 0
         if args.cache_latents and hasattr(ds, "with_pixels"):
+            # Once every posterior is cached the loader stops decoding images.
             ds.with_pixels = len(cache.latents) < len(ds)
+        # Resuming mid-epoch: the loader starts at the first unseen batch, without loading the ones before.
         loader = iter(make_loader(epoch, first_u * accum))
         for u in range(first_u, updates_per_epoch):
             n_micro = min(accum, batches_per_epoch - u * accum)
             t_step, data_time, bad, losses, step_samples = time.perf_counter(), 0.0, False, [], []
+            id_sum, id_count = 0.0, 0
             for m in range(n_micro):
                 t0 = time.perf_counter()
                 batch = next(loader)
                 data_time += time.perf_counter() - t0
+                # Noise and timesteps depend on (seed, micro-step, rank) only: a resumed run draws the same.
                 micro = (epoch * batches_per_epoch) + u * accum + m
-                gen = micro_generator(args.seed, micro, rank, accelerator.device)
+                gen = training.micro_generator(args.seed, micro, rank, accelerator.device)
+                stats = {}
                 with accelerator.autocast():
-                    loss = compute_loss(batch, parts, args, gen, weight_dtype, cache)
+                    loss = training.compute_loss(batch, parts, args, gen, weight_dtype, cache, stats=stats)
+                if "id_loss" in stats:
+                    id_sum += float(stats["id_loss"]) * stats["id_count"]
+                    id_count += stats["id_count"]
+                # Every rank must agree to skip, or DDP's all-reduce in backward would hang.
                 flag = accelerator.reduce(
                     torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=accelerator.device), "max"
                 )
@@ -390,19 +566,24 @@ def main(args):
                     bad = True
                     continue
                 losses.append(loss.detach())
+                # Gradients are all-reduced once per update, on its last micro-batch.
                 sync = m == n_micro - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     accelerator.backward(loss / n_micro)
                 step_samples.append({"index": list(batch["index"]), "ref_index": list(batch["ref_index"])})
             grad_norm = None
             if bad:
+                # One bad batch (a NaN from fp16 overflow, a broken sample) should not end a long run; many should.
                 nonfinite_in_a_row += 1
                 optimizer.zero_grad(set_to_none=True)
                 log.warning(
                     f"step {global_step + 1}: non-finite loss; step skipped ({nonfinite_in_a_row} in a row)"
                 )
                 if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row; stopping")
+                    raise RuntimeError(
+                        f"{nonfinite_in_a_row} non-finite losses in a row; stopping (lower the learning rate, "
+                        "use bf16 or an fp16-safe VAE, or check the data)"
+                    )
             else:
                 nonfinite_in_a_row = 0
                 if args.max_grad_norm and args.max_grad_norm > 0:
@@ -410,45 +591,47 @@ def main(args):
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(unwrapped)
             global_step += 1
             bar.update(1)
-            if args.log_samples:
-                local = None if bad else float(torch.stack(losses).mean())
-                entry = {"step": global_step, "rank": rank, "loss": local, "batches": step_samples}
-                with open(sample_log, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(entry) + "\n")
-            step_time = time.perf_counter() - t_step
+            logs_out.samples(global_step, None if bad else losses, step_samples)
             if not bad:
+                step_time = time.perf_counter() - t_step
                 mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
                 logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "data_time": data_time,
                         "step_time": step_time,
                         "samples_per_sec": n_micro * args.train_batch_size * world / max(step_time, 1e-9)}  # fmt: skip
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
-                accelerator.log(logs, step=global_step)
-                if accelerator.is_main_process:
-                    with open(train_log, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"step": global_step, **logs}) + "\n")
+                if (
+                    args.id_loss_weight > 0
+                ):  # logged apart: mean over the samples it applied to, all processes
+                    s, c = accelerator.gather(
+                        torch.tensor([[id_sum, id_count]], device=accelerator.device)
+                    ).sum(0)
+                    if c > 0:
+                        logs["id_loss"] = float(s / c)
+                logs_out.scalars(global_step, logs)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 path = ckpt.save_checkpoint(
                     accelerator,
                     args.output_dir,
                     global_step,
-                    state_dict_for(global_step),
+                    trainer_state(global_step),
                     args.checkpoints_total_limit,
+                    write_extra=ema.save if ema is not None else None,
                 )
                 log.info(f"Saved {path}")
             if (
                 args.validation_steps
                 and global_step % args.validation_steps == 0
                 and accelerator.is_main_process
+                and val_items
             ):
-                if val_items:
-                    out = run_validation(
-                        parts, unwrapped, val_items, val_prompts, args, global_step, accelerator, weight_dtype
-                    )
-                    log.info(f"Validation grid: {out}")
+                out = log_validation(parts, unwrapped, val_items, val_prompts, args, global_step, accelerator)
+                log.info(f"Validation grid: {out}")
             if global_step >= max_steps:
                 break
             if args.stop_after_steps and global_step >= args.stop_after_steps:
@@ -457,12 +640,67 @@ def main(args):
                 return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=False)
         del loader
 
+    # 8. Export the final weights in the layout inference loads (the EMA when on)
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(unwrapped)
     if accelerator.is_main_process:
         ckpt.export_weights(args.output_dir, unwrapped)
         log.info(f"Final weights: {args.output_dir}/ip-adapter.bin, {args.output_dir}/ControlNetModel/")
     accelerator.end_training()
     return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=True)
+
+
+def resume(args, accelerator, log, batches_per_epoch: int, accum: int, world: int, model, ema=None) -> int:
+    """Load the checkpoint ``--resume_from_checkpoint`` names (if any) and return its global step."""
+    from faceid.train import checkpoints as ckpt
+
+    path = ckpt.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and path is None:
+        log.info(f"No complete checkpoint in {args.output_dir}; starting a new run")
+    if path is None:
+        return 0
+    log.info(f"Resuming from {path}")
+    accelerator.load_state(str(path))
+    if ema is not None and not ema.load(path):
+        log.warning(f"{path} holds no EMA: the average starts from the resumed weights")
+        ema.reset(model)
+    state = ckpt.read_state(path)
+    now = {"batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accum, "world_size": world}
+    changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) not in (None, v)}
+    if changed:
+        log.warning(f"resuming with a different setup {changed}: the data order will not continue exactly")
+    return int(state["global_step"])
+
+
+class StepLogs:
+    """``train_log.jsonl`` + trackers (main process) and ``samples/rank-R.jsonl`` (each process)."""
+
+    def __init__(self, args, rank: int, accelerator):
+        self.accelerator = accelerator
+        self.train_log = os.path.join(args.output_dir, "train_log.jsonl")
+        self.sample_log = (
+            os.path.join(args.output_dir, "samples", f"rank-{rank}.jsonl") if args.log_samples else None
+        )
+        self.rank = rank
+        if self.sample_log:
+            os.makedirs(os.path.dirname(self.sample_log), exist_ok=True)
+
+    def samples(self, step: int, losses, batches) -> None:
+        if not self.sample_log:
+            return
+        import torch
+
+        local = None if losses is None else float(torch.stack(losses).mean())
+        entry = {"step": step, "rank": self.rank, "loss": local, "batches": batches}
+        with open(self.sample_log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def scalars(self, step: int, logs: dict) -> None:
+        self.accelerator.log(logs, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.train_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
 
 
 if __name__ == "__main__":

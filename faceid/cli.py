@@ -1,6 +1,7 @@
 """How every script ends: quiet third-party notices, run ``main``, and turn a user's mistake (a missing file, a bad
 index, an unreachable Hub, a wrong flag combination) into its message and exit code 1 — no traceback, since the
-message already says what is wrong and what to do. Programming errors still show their traceback."""
+message already says what is wrong and what to do (status 2, as argparse's usage errors). Programming errors
+still show their traceback."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ _USER_ERRORS = (
     ("faceid.face.images", "ImageLoadError"),
     ("faceid.face.face_info", "FaceInfoError"),
     ("faceid.face.analysis", "NoFaceModelError"),
-    ("faceid.train.records", "BadDataError"),
+    ("faceid.train.errors", "TrainingInputError"),
     ("faceid.hub.client", "HubError"),
     ("faceid.hub.datasets", "UnsafeArchiveError"),
     ("ip_adapter.weights", "AdapterWeightsError"),
 )
+
+
+USER_ERROR = 2  # exit status of a user's mistake
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -42,5 +46,5 @@ def run(main, parse_args, argv=None) -> None:
         sys.exit(130)
     except user_errors() as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(USER_ERROR)
     sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)

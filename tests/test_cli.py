@@ -1,4 +1,4 @@
-"""Every script ends the same way: a user's mistake prints its message and exits 1, without a traceback."""
+"""Every script ends the same way: a user's mistake prints its message and exits 2, without a traceback."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ def _run(*argv, cwd=ROOT):
         (["infer_from_pkl.py", "--face_adapter", "{tmp}/nope.bin"], "face adapter not found"),
     ],
 )  # fmt: skip
-def test_user_errors_exit_1_without_traceback(tmp_path, argv, expected):
+def test_user_errors_exit_2_without_traceback(tmp_path, argv, expected):
     (tmp_path / "a.png").write_bytes(b"")  # something to index
     proc = _run(*[a.format(tmp=tmp_path) for a in argv])
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert expected in proc.stderr
 

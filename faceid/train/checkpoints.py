@@ -18,12 +18,17 @@ from pathlib import Path
 import torch
 
 from faceid.files import write_json_atomic
+from faceid.train.errors import TrainingInputError
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_BIN = "ip-adapter.bin"
 ADAPTER_SAFETENSORS = "ip-adapter.safetensors"
 CONTROLNET_DIR = "ControlNetModel"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class MissingCheckpointError(TrainingInputError, FileNotFoundError):
+    """``--resume_from_checkpoint`` names something that is not a complete checkpoint."""
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -50,7 +55,10 @@ def resolve_resume(output_dir: str | os.PathLike, resume: str | None) -> Path | 
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / resume
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+        raise MissingCheckpointError(
+            f"{path}: not a complete checkpoint (no {STATE_FILE}); pass --resume_from_checkpoint latest or the "
+            f"path of a checkpoint-N folder"
+        )
     return path
 
 
@@ -139,8 +147,11 @@ def register_hooks(accelerator, unwrap) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict, total_limit=None):
-    """Write ``checkpoint-<step>`` atomically (all processes must call this). Returns the final path."""
+def save_checkpoint(
+    accelerator, output_dir: str | os.PathLike, step: int, state: dict, total_limit=None, write_extra=None
+):
+    """Write ``checkpoint-<step>`` atomically (all processes must call this). ``write_extra(folder)`` adds files
+    (the EMA) on the main process before the state file marks the checkpoint complete. Returns the final path."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
@@ -151,6 +162,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(partial)
         write_json_atomic(partial / STATE_FILE, state)
         if final.exists():
             shutil.rmtree(final)

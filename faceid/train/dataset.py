@@ -48,6 +48,7 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         face_drop: float = 0.05,
         both_drop: float = 0.05,
         with_pixels: bool = True,
+        disk_cache=None,
     ):
         self.records = records
         self.tokenizers = list(tokenizers)
@@ -59,6 +60,8 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         self.picker = ReferencePicker(records, cross_id, cross_id_prob)
         self.drops = (text_drop, face_drop, both_drop)
         self.with_pixels = with_pixels
+        # faceid.train.disk_cache.DiskCache: latents/text embeddings instead of pixels/captions to encode
+        self.disk_cache = disk_cache
 
     def __len__(self) -> int:
         return len(self.records)
@@ -83,17 +86,30 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         rng = sample_rng(self.seed, epoch, index, SALT_CROP)
         return plan_crop(r.width, r.height, self.target_size(index), self.random_crop, self.flip_prob, rng)
 
+    def cache_view(self, index: int, flip: bool):
+        """The uint8 ``[3, H, W]`` view ``precompute_cache.py`` encodes: the centre crop in the item's bucket,
+        mirrored or not (the crop training draws without ``--random_crop``)."""
+        from dataclasses import replace
+
+        rec = self.records[index]
+        image = load_image(rec.image)
+        plan = replace(plan_crop(image.width, image.height, self.target_size(index)), flip=bool(flip))
+        return to_chw_uint8(apply_image(image, plan))
+
     def __getitem__(self, item) -> dict:
         index, epoch = (item, 0) if isinstance(item, (int, np.integer)) else (int(item[0]), int(item[1]))
         rec = self.records[index]
-        if rec.width is None or rec.height is None:
+        if rec.width is None or rec.height is None:  # (the start-up check fills them)
             image = load_image(rec.image)
             rec.width, rec.height = image.size
         else:
             image = None
         plan = self.plan(index, epoch)
         out = {}
-        if self.with_pixels:
+        cache = self.disk_cache
+        if cache is not None and cache.has_latents:
+            out["latent_params"] = cache.latent(rec.key, plan.flip)
+        elif self.with_pixels:
             if image is None:
                 image = load_image(rec.image)
             out["pixel_values"] = to_chw_uint8(apply_image(image, plan))
@@ -105,6 +121,8 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         drop_text, drop_face = cfg_drop(sample_rng(self.seed, epoch, index, SALT_DROP), *self.drops)
         emb = np.zeros(EMBEDDING_DIM, np.float32) if drop_face else load_embedding(spec)
         caption = "" if drop_text else rec.caption
+        if cache is not None and cache.has_text:
+            out["prompt_embeds"], out["pooled_prompt_embeds"] = cache.text(caption)
         out.update(
             face_embeds=torch.from_numpy(emb),
             caption=caption,

@@ -1,4 +1,5 @@
-"""Model setup, the loss and validation for ``train_instantId_sdxl.py``.
+"""Model setup, the loss and the validation faces for ``train_instantId_sdxl.py`` (which generates the
+validation grid itself: packages never import the top-level pipeline script).
 
 The trained module is :class:`TrainModel`: Resampler (face embedding → face tokens) + the SDXL UNet with
 InstantID attention processors + IdentityNet. The UNet sees ``cat([text tokens, face tokens])``; IdentityNet sees
@@ -8,9 +9,7 @@ the face tokens only, the keypoint image and the same SDXL micro-conditioning.
 from __future__ import annotations
 
 import logging
-import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,8 +55,7 @@ def trainable_parameters(model: TrainModel):
 
 def load_components(args, weight_dtype, device):
     """Everything from the SDXL folder / hub id, IdentityNet, the face adapter. Trained parts stay fp32."""
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
     from ip_adapter.resampler import Resampler
     from ip_adapter.weights import (
@@ -69,12 +67,7 @@ def load_components(args, weight_dtype, device):
     )
 
     base, rev = args.pretrained_model_name_or_path, args.revision
-    tok = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=rev, use_fast=False)
-    tok2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=rev, use_fast=False)
-    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=rev)
-    te2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", revision=rev)
-    vae_path = args.pretrained_vae_model_name_or_path
-    vae = AutoencoderKL.from_pretrained(vae_path or base, subfolder=None if vae_path else "vae", revision=rev)
+    enc = load_encoders(args, weight_dtype, device)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=rev)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=rev)
     if args.controlnet_model_name_or_path:
@@ -100,14 +93,10 @@ def load_components(args, weight_dtype, device):
         )
         install_ip_processors(unet, num_tokens=args.num_tokens, scale=1.0, init_from_unet=True)
 
-    for m in (vae, te, te2, unet, controlnet, image_proj):
+    for m in (unet, controlnet, image_proj):
         m.requires_grad_(False)
     ip_layers = ip_modules(unet)
-    # Frozen weights in weight_dtype (VAE fp32 unless a fp16-safe VAE was given), trained ones fp32.
-    vae_dtype = weight_dtype if (vae_path and args.vae_in_weight_dtype) else torch.float32
-    vae.to(device, dtype=vae_dtype)
-    te.to(device, dtype=weight_dtype)
-    te2.to(device, dtype=weight_dtype)
+    # Frozen weights in weight_dtype, trained ones fp32.
     unet.to(device, dtype=weight_dtype)
     controlnet.to(device, dtype=torch.float32 if args.train_identitynet else weight_dtype)
     image_proj.to(device, dtype=torch.float32 if args.train_resampler else weight_dtype)
@@ -125,35 +114,54 @@ def load_components(args, weight_dtype, device):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         controlnet.enable_gradient_checkpointing()
-    vae.eval()
-    te.eval()
-    te2.eval()
-    return dict(
-        tokenizer=tok,
-        tokenizer_2=tok2,
-        text_encoder=te,
-        text_encoder_2=te2,
-        vae=vae,
-        noise_scheduler=noise_scheduler,
-        model=TrainModel(unet, controlnet, image_proj),
-    )
+    return dict(**enc, noise_scheduler=noise_scheduler, model=TrainModel(unet, controlnet, image_proj))
+
+
+def load_encoders(args, weight_dtype, device) -> dict:
+    """The frozen encoders (tokenizers, both text encoders, VAE) as training uses them: text encoders in
+    ``weight_dtype``, the VAE in fp32 unless an fp16-safe VAE is given. ``precompute_cache.py`` loads the same."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    base, rev = args.pretrained_model_name_or_path, args.revision
+    tok = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=rev, use_fast=False)
+    tok2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=rev, use_fast=False)
+    te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=rev)
+    te2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", revision=rev)
+    vae_path = args.pretrained_vae_model_name_or_path
+    vae = AutoencoderKL.from_pretrained(vae_path or base, subfolder=None if vae_path else "vae", revision=rev)
+    vae_dtype = weight_dtype if (vae_path and args.vae_in_weight_dtype) else torch.float32
+    for m, dtype in ((vae, vae_dtype), (te, weight_dtype), (te2, weight_dtype)):
+        m.requires_grad_(False)
+        m.to(device, dtype=dtype)
+        m.eval()
+    return dict(tokenizer=tok, tokenizer_2=tok2, text_encoder=te, text_encoder_2=te2, vae=vae)
+
+
+# The encoders run one sample at a time: CPU (and GPU) kernels give batch-size-dependent low bits, and one sample
+# at a time is what makes a precomputed cache (``precompute_cache.py``) bit-identical to encoding on the fly. At
+# SDXL's per-GPU batch of 1-4 this costs little.
 
 
 @torch.no_grad()
 def encode_text(text_encoders, input_ids_list):
     """SDXL text conditioning: penultimate hidden states of both encoders concatenated, pooled from the 2nd."""
-    embeds, pooled = [], None
-    for enc, ids in zip(text_encoders, input_ids_list):
-        out = enc(ids.to(enc.device), output_hidden_states=True)
-        pooled = out[0]
-        embeds.append(out.hidden_states[-2])
-    return torch.cat(embeds, dim=-1), pooled
+    rows = []
+    for b in range(input_ids_list[0].shape[0]):
+        embeds, pooled = [], None
+        for enc, ids in zip(text_encoders, input_ids_list):
+            out = enc(ids[b : b + 1].to(enc.device), output_hidden_states=True)
+            pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        rows.append((torch.cat(embeds, dim=-1), pooled))
+    return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
 
 
 @torch.no_grad()
 def encode_latent_params(vae, pixel_values) -> torch.Tensor:
-    """The VAE posterior's (mean, logvar) stacked along channels: what the latent cache stores."""
-    return vae.encode(pixel_values.to(vae.device, dtype=vae.dtype)).latent_dist.parameters.float()
+    """The VAE posterior's (mean, logvar) stacked along channels: what the latent caches store."""
+    x = pixel_values.to(vae.device, dtype=vae.dtype)
+    return torch.cat([vae.encode(x[b : b + 1]).latent_dist.parameters.float() for b in range(x.shape[0])])
 
 
 def sample_latents(params: torch.Tensor, vae, generator) -> torch.Tensor:
@@ -182,8 +190,10 @@ class CondCache:
         self.text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache | None = None):
-    """One micro-batch: encode, noise, predict, MSE (optionally min-SNR weighted). Returns the mean loss."""
+def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache | None = None, stats=None):
+    """One micro-batch: encode, noise, predict, MSE (optionally min-SNR weighted), plus the identity loss when
+    ``parts["id_loss"]`` is set and ``--id_loss_weight`` > 0. Returns the loss; ``stats`` (a dict) receives
+    ``mse`` and, when applied, ``id_loss`` and ``id_count`` (samples under the timestep threshold)."""
     from diffusers.training_utils import compute_snr
 
     from faceid.train.transforms import cond_to_float, pixels_to_float
@@ -191,7 +201,9 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
     vae, sched, model = parts["vae"], parts["noise_scheduler"], parts["model"]
     device = generator.device
     idx = batch["index"]
-    if cache is not None and cache.use_latents and all(i in cache.latents for i in idx):
+    if "latent_params" in batch:  # from the disk cache
+        params = batch["latent_params"].to(device)
+    elif cache is not None and cache.use_latents and all(i in cache.latents for i in idx):
         params = torch.stack([cache.latents[i] for i in idx]).to(device)
     else:
         params = encode_latent_params(vae, pixels_to_float(batch["pixel_values"].to(device)))
@@ -212,7 +224,9 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
     noisy = sched.add_noise(latents, noise, timesteps)
 
     captions = batch["caption"]
-    if cache is not None and cache.use_text and all(c in cache.text for c in captions):
+    if "prompt_embeds" in batch:  # from the disk cache
+        prompt_embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled_prompt_embeds"].to(device)
+    elif cache is not None and cache.use_text and all(c in cache.text for c in captions):
         prompt_embeds = torch.stack([cache.text[c][0] for c in captions]).to(device)
         pooled = torch.stack([cache.text[c][1] for c in captions]).to(device)
     else:
@@ -237,13 +251,24 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
     else:
         target = noise
     if args.snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    snr = compute_snr(sched, timesteps)
-    weights = torch.clamp(snr, max=args.snr_gamma) / (
-        snr + 1 if sched.config.prediction_type == "v_prediction" else snr
-    )
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
-    return (loss * weights).mean()
+        loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+    else:
+        snr = compute_snr(sched, timesteps)
+        weights = torch.clamp(snr, max=args.snr_gamma) / (
+            snr + 1 if sched.config.prediction_type == "v_prediction" else snr
+        )
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+        loss = (loss * weights).mean()
+    if stats is not None:
+        stats["mse"] = loss.detach()
+    id_loss = parts.get("id_loss")
+    if id_loss is not None and getattr(args, "id_loss_weight", 0.0) > 0:
+        value, count = id_loss(pred, noisy, timesteps, batch, sched, vae)
+        if value is not None:
+            loss = loss + args.id_loss_weight * value
+            if stats is not None:
+                stats["id_loss"], stats["id_count"] = value.detach(), count
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,66 +288,4 @@ def validation_items(records, resolution: int, count: int):
         out.append(
             (load_embedding(rec.embedding), Image.fromarray(kps_image(transform_kps(rec.kps, plan), plan)))
         )
-    return out
-
-
-@torch.no_grad()
-def run_validation(parts, model, items, prompts, args, step, accelerator, weight_dtype):
-    """Generate one image per (face, prompt) with the InstantID pipeline; save a grid and log it."""
-    from diffusers import EulerDiscreteScheduler
-    from PIL import Image
-
-    from pipeline_stable_diffusion_xl_instantid import StableDiffusionXLInstantIDPipeline
-
-    was_training = [m.training for m in (model.controlnet, model.image_proj)]
-    model.eval()
-    pipe = StableDiffusionXLInstantIDPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        text_encoder_2=parts["text_encoder_2"],
-        tokenizer=parts["tokenizer"],
-        tokenizer_2=parts["tokenizer_2"],
-        unet=model.unet,
-        controlnet=model.controlnet,
-        scheduler=EulerDiscreteScheduler.from_config(parts["noise_scheduler"].config),
-        add_watermarker=False,
-    )
-    pipe.image_proj_model = model.image_proj
-    pipe.set_progress_bar_config(disable=True)
-    rows = []
-    for emb, kps in items:
-        row = []
-        for prompt in prompts:
-            g = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-            with accelerator.autocast():
-                img = pipe(
-                    prompt,
-                    image_embeds=emb,
-                    image=kps,
-                    height=kps.size[1],
-                    width=kps.size[0],
-                    num_inference_steps=args.validation_steps_count,
-                    guidance_scale=args.validation_guidance_scale,
-                    generator=g,
-                ).images[0]
-            row.append(img)
-        rows.append(row)
-    del pipe
-    model.controlnet.train(was_training[0])
-    model.image_proj.train(was_training[1])
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)))
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            grid.paste(img, (c * w, r * h))
-    out = os.path.join(args.output_dir, "validation", f"step-{step:07d}.png")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    grid.save(out)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(prompts))]}, step=step)
     return out

@@ -38,11 +38,12 @@ import numpy as np
 from faceid.face.images import oriented_size
 from faceid.files import resolve_path
 from faceid.schema import EMBEDDING_DIM, caption_of, embedding_of, faceid6m_index_base, kps_of, person_of
+from faceid.train.errors import TrainingInputError
 
 FORMATS = ("auto", "index", "mfacetech", "seed", "faceid6m")
 
 
-class BadDataError(ValueError):
+class BadDataError(TrainingInputError):
     """The start-up data check found bad items; the message names the first ones."""
 
 

@@ -189,6 +189,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         text_drop: float = 0.05,
         face_drop: float = 0.05,
         both_drop: float = 0.05,
+        disk_cache=None,
     ):
         super().__init__()
         self.dir = Path(shard_dir)
@@ -205,6 +206,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.drops = (text_drop, face_drop, both_drop)
         self.epoch, self.start_batch = 0, 0
         self._cache = None
+        self.disk_cache = disk_cache  # faceid.train.disk_cache.DiskCache: no image decoding, no encoders
         if len(self.shards) < self.world_size:
             raise ValueError(
                 f"{len(self.shards)} shards for {self.world_size} processes: write more, smaller shards"
@@ -251,19 +253,45 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 continue
             yield collate([self._item(s, g) for s, g in seq[b * bs : (b + 1) * bs]])
 
-    def _item(self, shard: int, g: int) -> dict:
+    def _sample(self, shard: int, g: int):
         tar, members = self._cache.get(str(self.dir / self.shards[shard]["file"]))
         files = members[f"{g:09d}"]
 
         def read(ext):
             return tar.extractfile(files[ext]).read()
 
-        meta = json.loads(read("json"))
-        img_ext = next(e for e in ("jpg", "png", "webp", "jpeg") if e in files)
-        image = load_image(read(img_ext), name=f"{self.shards[shard]['file']}:{g:09d}.{img_ext}")
+        def image():
+            ext = next(e for e in ("jpg", "png", "webp", "jpeg") if e in files)
+            return load_image(read(ext), name=f"{self.shards[shard]['file']}:{g:09d}.{ext}")
+
+        return json.loads(read("json")), files, read, image
+
+    def cache_views(self):
+        """``(meta, view(flip))`` for every sample of every shard, in order (what ``precompute_cache.py``
+        encodes: the centre crop at ``resolution``, mirrored or not)."""
+        from dataclasses import replace
+
+        if self._cache is None:
+            self._cache = _TarCache()
+        for s, info in enumerate(self.shards):
+            for g in range(info["first"], info["first"] + info["count"]):
+                meta = self._sample(s, g)[0]
+
+                def view(flip, s=s, g=g):
+                    img = self._sample(s, g)[3]()  # reopened lazily: the tar may have left the cache
+                    plan = plan_crop(img.width, img.height, (self.resolution, self.resolution))
+                    return to_chw_uint8(apply_image(img, replace(plan, flip=bool(flip))))
+
+                yield meta, view
+
+    def _item(self, shard: int, g: int) -> dict:
+        meta, files, read, load = self._sample(shard, g)
+        cache = self.disk_cache
+        image = None if cache is not None and cache.has_latents else load()
+        width, height = (meta["width"], meta["height"]) if image is None else image.size
         plan = plan_crop(
-            image.width,
-            image.height,
+            width,
+            height,
             (self.resolution, self.resolution),
             self.random_crop,
             self.flip_prob,
@@ -287,8 +315,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         elif emb_src:
             emb = np.load(io.BytesIO(read(emb_src)), allow_pickle=False)
         caption = "" if drop_text else meta["caption"]
-        out = {
-            "pixel_values": to_chw_uint8(apply_image(image, plan)),
+        out = {}
+        if image is None:
+            out["latent_params"] = cache.latent(meta["id"], plan.flip)
+        else:
+            out["pixel_values"] = to_chw_uint8(apply_image(image, plan))
+        if cache is not None and cache.has_text:
+            out["prompt_embeds"], out["pooled_prompt_embeds"] = cache.text(caption)
+        out |= {
             "kps_image": to_chw_uint8(kps_image(kps, plan)),
             "face_embeds": torch.from_numpy(np.array(emb, dtype=np.float32).reshape(512)),
             "caption": caption,

@@ -180,14 +180,14 @@ def test_download_models_with_hub_replaced(tmp_path, monkeypatch, capsys):
 
 def test_download_without_hub_says_what_to_do(tmp_path):
     """No network here and HF_HUB_OFFLINE=1: the real huggingface_hub call fails; the script prints the reason and
-    the ways out (mirror, proxy, --tiny) and exits 1 without a traceback."""
+    the ways out (mirror, proxy, --tiny) and exits 2 without a traceback."""
     import subprocess
     import sys
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "download.py", "--checkpoints_dir", str(tmp_path / "ck"), "--no_faces"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "InstantX/InstantID/ControlNetModel/config.json" in proc.stderr
     assert "HF_ENDPOINT" in proc.stderr and "--tiny" in proc.stderr

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 import train_instantId_sdxl as train
 from faceid.train import checkpoints as ckpt
+from faceid.train.records import BadDataError
 from ip_adapter.weights import read_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,7 +234,7 @@ def test_skip_bad_samples_trains_on_the_rest(tiny_dir, tmp_path):
     obj["image"] = "imgs/gone.png"
     lines[1] = json.dumps(obj)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(Exception, match="gone.png"):
+    with pytest.raises(BadDataError, match="gone.png"):
         run(tiny_dir, tmp_path / "o1", "--data_json_file", str(path), "--max_train_steps", "1")
     run(
         tiny_dir,
@@ -305,3 +306,37 @@ def test_two_processes_gloo(tiny_dir, index_data, tmp_path):
         b = set(ranks[1][step]["batches"][0]["index"])
         assert a != b
     assert (out / "ip-adapter.bin").is_file() and (out / "ControlNetModel" / "config.json").is_file()
+
+
+def test_user_errors_print_what_to_do_and_exit_2_without_traceback(tiny_dir, tmp_path, capsys):
+    from faceid.train.errors import run_cli
+
+    path = make_index_dataset(tmp_path / "d")
+    lines = path.read_text().splitlines()
+    obj = json.loads(lines[1])
+    obj["image"] = "imgs/gone.png"
+    lines[1] = json.dumps(obj)
+    path.write_text("\n".join(lines) + "\n")
+    argv = tiny_args(tiny_dir, tmp_path / "o", "--data_json_file", str(path), "--max_train_steps", "1")
+    proc = subprocess.run([sys.executable, str(ROOT / "train_instantId_sdxl.py"), *argv], cwd=tmp_path,
+                          env=env_offline(), capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 2
+    assert "gone.png" in proc.stderr and "--skip_bad_samples" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    # A missing index and a wrong flag combination: the same clean exit, in-process.
+    cases = {
+        "no such file": ["--data_json_file", str(tmp_path / "nope.jsonl")],
+        "exactly one of": ["--data_json_file", str(path), "--train_shards", str(tmp_path)],
+        "deterministic view": ["--data_json_file", str(path), "--cache_latents", "--random_crop"],
+        "not a complete checkpoint": [
+            "--data_json_file",
+            str(path),
+            "--resume_from_checkpoint",
+            "checkpoint-9",
+        ],
+    }
+    for needle, extra in cases.items():
+        capsys.readouterr()
+        assert run_cli(train.main, train.parse_args, tiny_args(tiny_dir, tmp_path / "o2", *extra)) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err

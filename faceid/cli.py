@@ -47,4 +47,9 @@ def run(main, parse_args, argv=None) -> None:
     except user_errors() as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         sys.exit(USER_ERROR)
+    except SystemExit as done:  # raise SystemExit("message") in a script: the same status as the errors above
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+            sys.exit(USER_ERROR)
+        raise
     sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)

@@ -65,9 +65,29 @@ def mask_tensor(control_mask, height: int, width: int) -> torch.Tensor:
     return F.interpolate(m, size=(height, width), mode="nearest")
 
 
+def _per_net(value, count: int) -> list:
+    """A per-ControlNet argument as a list (a single value applies to every net)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * count
+
+
+class _ResidualMask:
+    """Multiplies IdentityNet residuals by the region mask resized (once per resolution) to their grid."""
+
+    def __init__(self, mask: torch.Tensor | None):
+        self.mask = mask
+        self.sized: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        key = tuple(t.shape[-2:])
+        if key not in self.sized:
+            self.sized[key] = F.interpolate(self.mask, size=key, mode="nearest").to(t.dtype)
+        return t * self.sized[key]
+
+
 class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
     image_proj_model = None
     image_proj_model_in_features = 512
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "face_tokens"]
 
     # ---- adapter -------------------------------------------------------------------------------
     def load_ip_adapter_instantid(
@@ -128,6 +148,88 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         return tokens.repeat_interleave(batch, dim=0)
 
     # ---- generation ----------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt,
+        prompt_2,
+        image_embeds,
+        image,
+        height,
+        width,
+        num_inference_steps,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
+        num_images_per_prompt=1,
+        callback_on_step_end_tensor_inputs=None,
+    ):
+        """Raise ``ValueError`` naming the first argument that cannot work (before any model runs)."""
+        if image_embeds is None:
+            raise ValueError("image_embeds (the face embedding) is required")
+        if image is None:
+            raise ValueError("image (the keypoint image) is required")
+        nets = self._controlnets()
+        if len(nets) > 1 and not isinstance(image, (list, tuple)):
+            raise ValueError(f"image: {len(nets)} ControlNets need {len(nets)} control images, got 1")
+        if isinstance(image, (list, tuple)) and len(nets) > 1 and len(image) != len(nets):
+            raise ValueError(f"{len(nets)} ControlNets need {len(nets)} control images, got {len(image)}")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("prompt or prompt_embeds is required")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        for name, value in (("prompt", prompt), ("prompt_2", prompt_2)):
+            if value is not None and not isinstance(value, (str, list)):
+                raise ValueError(f"{name} must be a string or a list of strings, not {type(value).__name__}")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds (SDXL's second text encoder output)")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        if (
+            prompt_embeds is not None
+            and negative_prompt_embeds is not None
+            and prompt_embeds.shape != negative_prompt_embeds.shape
+        ):
+            raise ValueError(
+                f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)}, "
+                f"prompt_embeds {tuple(prompt_embeds.shape)}: they must match"
+            )
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (int(value) <= 0 or int(value) % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+        if num_inference_steps is not None and int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if int(num_images_per_prompt) < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        for name, value in (
+            ("controlnet_conditioning_scale", controlnet_conditioning_scale),
+            ("control_guidance_start", control_guidance_start),
+            ("control_guidance_end", control_guidance_end),
+        ):
+            if isinstance(value, (list, tuple)) and len(value) != len(nets):
+                raise ValueError(f"{name} has {len(value)} values for {len(nets)} ControlNets")
+        starts = _per_net(control_guidance_start, len(nets))
+        ends = _per_net(control_guidance_end, len(nets))
+        for s, e in zip(starts, ends):
+            if not 0.0 <= s < e <= 1.0:
+                raise ValueError(
+                    f"control_guidance_start ({s}) must be below control_guidance_end ({e}), both in [0, 1]"
+                )
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+            if unknown:
+                raise ValueError(
+                    f"callback_on_step_end_tensor_inputs: {sorted(unknown)} not among "
+                    f"{self._callback_tensor_inputs}"
+                )
+
     @torch.no_grad()
     def __call__(
         self,
@@ -167,27 +269,79 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         callback_on_step_end_tensor_inputs=("latents",),
         **kwargs,
     ):
-        if image_embeds is None:
-            raise ValueError("image_embeds (the face embedding) is required")
-        if image is None:
-            raise ValueError("image (the keypoint image) is required")
+        r"""Generate images of the person whose face embedding is ``image_embeds``, posed by ``image``.
+
+        Args:
+            prompt (`str` or `list[str]`): what to draw; a list makes a batch.
+            prompt_2 (`str` or `list[str]`, *optional*): prompt for the second text encoder (default: ``prompt``).
+            image_embeds (array or tensor): the face embedding (insightface's raw ``embedding``, ``[512]``);
+                ``[N, 512]`` or a list of N embeddings of the same person are averaged.
+            image (`PIL.Image` or tensor, or a list with one per ControlNet): the keypoint image
+                (:func:`draw_kps`) for IdentityNet, then the control images of further ControlNets.
+            height (`int`, *optional*), width (`int`, *optional*): output size in pixels (multiples of 8);
+                default: the keypoint image's size.
+            num_inference_steps (`int`, defaults to 30): denoising steps.
+            timesteps (`list[int]`, *optional*), sigmas (`list[float]`, *optional*): a custom schedule, for
+                schedulers that accept one.
+            guidance_scale (`float`, defaults to 5.0): classifier-free guidance; ``<= 1`` turns it off.
+            negative_prompt (`str` or `list[str]`, *optional*), negative_prompt_2 (*optional*): what to avoid.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            eta (`float`, defaults to 0.0): DDIM's eta (other schedulers ignore it).
+            generator (`torch.Generator` or a list, *optional*): for reproducible noise.
+            latents (`torch.Tensor`, *optional*): starting noise instead of drawing it.
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+                (`torch.Tensor`, *optional*): precomputed text conditioning instead of the prompts.
+            output_type (`str`, defaults to ``"pil"``): ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            return_dict (`bool`, defaults to True): a ``StableDiffusionXLPipelineOutput`` rather than a tuple.
+            cross_attention_kwargs (`dict`, *optional*): passed to the UNet's attention processors
+                (``"scale"`` is the LoRA scale of the text encoders).
+            controlnet_conditioning_scale (`float` or a list per ControlNet, defaults to 0.8): IdentityNet
+                strength (and the further ControlNets').
+            control_guidance_start, control_guidance_end (`float` or a list per ControlNet): the fraction of
+                the steps during which each ControlNet acts.
+            ip_adapter_scale (`float`, *optional*): face-token strength in the UNet for this call only
+                (default: the scale set by ``set_ip_adapter_scale``/``load_ip_adapter_instantid``).
+            control_mask (PIL image, array or tensor, *optional*): where the face acts (1) or not (0):
+                IdentityNet residuals and the face attention are multiplied by it.
+            original_size, crops_coords_top_left, target_size (`tuple`, *optional*): SDXL micro-conditioning.
+            clip_skip (`int`, *optional*): CLIP layers to skip for the prompt embeddings.
+            callback_on_step_end (`callable`, *optional*): ``f(pipe, step, timestep, tensors) -> dict`` after
+                every step; a returned ``"latents"`` replaces the latents.
+            callback_on_step_end_tensor_inputs (`list[str]`): the tensors passed to the callback
+                (``latents``, ``prompt_embeds``, ``face_tokens``).
+            **kwargs: accepted and ignored (the official pipeline's deprecated callback arguments).
+
+        Returns:
+            ``StableDiffusionXLPipelineOutput`` with ``images``, or a one-element tuple.
+        """
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            prompt_2,
+            image_embeds,
+            image,
+            height,
+            width,
+            num_inference_steps,
+            negative_prompt,
+            negative_prompt_2,
+            prompt_embeds,
+            negative_prompt_embeds,
+            pooled_prompt_embeds,
+            negative_pooled_prompt_embeds,
+            controlnet_conditioning_scale,
+            control_guidance_start,
+            control_guidance_end,
+            num_images_per_prompt,
+            callback_on_step_end_tensor_inputs,
+        )
         nets = self._controlnets()
         images = list(image) if isinstance(image, (list, tuple)) and len(nets) > 1 else [image]
-        if len(images) != len(nets):
-            raise ValueError(f"{len(nets)} ControlNets need {len(nets)} control images, got {len(images)}")
-        scales = controlnet_conditioning_scale
-        scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(nets)
-        starts = (
-            control_guidance_start
-            if isinstance(control_guidance_start, (list, tuple))
-            else [control_guidance_start] * len(nets)
-        )
-        ends = (
-            control_guidance_end
-            if isinstance(control_guidance_end, (list, tuple))
-            else [control_guidance_end] * len(nets)
-        )
+        scales = _per_net(controlnet_conditioning_scale, len(nets))
+        starts = _per_net(control_guidance_start, len(nets))
+        ends = _per_net(control_guidance_end, len(nets))
 
+        # 2. Define call parameters
         first = images[0]
         if height is None or width is None:
             w0, h0 = first.size if isinstance(first, Image.Image) else (first.shape[-1], first.shape[-2])
@@ -197,7 +351,6 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         do_cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
-
         if prompt is not None:
             batch = 1 if isinstance(prompt, str) else len(prompt)
         else:
@@ -205,7 +358,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         device = self._execution_device
         total = batch * num_images_per_prompt
 
-        # 1. Text and face conditioning (each once per call).
+        # 3. Encode input prompt (once per call)
         lora_scale = (cross_attention_kwargs or {}).get("scale")
         (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds) = (
             self.encode_prompt(
@@ -224,6 +377,8 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 clip_skip=clip_skip,
             )
         )
+
+        # 4. Encode the face: face tokens for the UNet (after the text tokens) and for IdentityNet
         face_tokens = self.encode_face(image_embeds, total, do_cfg).to(prompt_embeds.dtype)
         if do_cfg:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
@@ -234,7 +389,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         if ip_adapter_scale is not None:
             self.set_ip_adapter_scale(ip_adapter_scale)
         try:
-            # 2. Control images, region mask.
+            # 5. Prepare control images and the region mask
             dtype = nets[0].dtype
             cond_images = [
                 self.prepare_image(im, width, height, total, num_images_per_prompt, device, dtype, do_cfg)
@@ -251,18 +406,14 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
             if control_mask is not None:
                 mask = mask_tensor(control_mask, height, width).to(device, prompt_embeds.dtype)
                 unet_kwargs["region_mask"] = mask
-            res_masks: dict[tuple[int, int], torch.Tensor] = {}
+            masked = _ResidualMask(mask)
 
-            def masked(t: torch.Tensor) -> torch.Tensor:
-                key = tuple(t.shape[-2:])
-                if key not in res_masks:
-                    res_masks[key] = F.interpolate(mask, size=key, mode="nearest").to(t.dtype)
-                return t * res_masks[key]
-
-            # 3. Timesteps, latents, micro-conditioning.
+            # 6. Prepare timesteps
             timesteps, num_inference_steps = retrieve_timesteps(
                 self.scheduler, num_inference_steps, device, timesteps, sigmas
             )
+
+            # 7. Prepare latent variables, guidance embedding, extra step kwargs and added time ids
             latents = self.prepare_latents(
                 total,
                 self.unet.config.in_channels,
@@ -292,7 +443,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
             add_time_ids = add_time_ids.repeat(prompt_embeds.shape[0], 1)
             added = {"text_embeds": pooled_prompt_embeds.to(device), "time_ids": add_time_ids}
 
-            # 4. Denoising loop.
+            # 8. Denoising loop
             n = len(timesteps)
             self._num_timesteps = n
             with self.progress_bar(total=n) as progress:
@@ -301,6 +452,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
                         break
                     x = torch.cat([latents] * 2) if do_cfg else latents
                     x = self.scheduler.scale_model_input(x, t)
+                    # 8.1 ControlNet residuals (IdentityNet gets the face tokens, the others the text)
                     down, mid = None, None
                     for k, (net, cond, s, st, en, nkw) in enumerate(
                         zip(nets, cond_images, scales, starts, ends, net_kwargs)
@@ -322,6 +474,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
                             d, m = [masked(r) for r in d], masked(m)
                         down = d if down is None else [a + b for a, b in zip(down, d)]
                         mid = m if mid is None else mid + m
+                    # 8.2 UNet noise prediction with text + face tokens
                     noise = self.unet(
                         x,
                         t,
@@ -333,12 +486,14 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
                         added_cond_kwargs=added,
                         return_dict=False,
                     )[0]
+                    # 8.3 Guidance and scheduler step
                     if do_cfg:
                         uncond, cond_pred = noise.chunk(2)
                         noise = uncond + guidance_scale * (cond_pred - uncond)
                     latents = self.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[
                         0
                     ]
+                    # 8.4 Step callback
                     if callback_on_step_end is not None:
                         available = {
                             "latents": latents,
@@ -352,6 +507,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
             if ip_adapter_scale is not None and previous_scale is not None:
                 self.set_ip_adapter_scale(previous_scale)
 
+        # 9. Decode and offload
         images_out = self._decode(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

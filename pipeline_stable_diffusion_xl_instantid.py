@@ -43,6 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from faceid.face.kps import draw_kps, fit_size, resize_img  # noqa: F401  (re-exported: the official module has both)
+from faceid.face.regions import crop_box, feathered_mask, kps_from_bbox, left_to_right, region_masks
 from faceid.prompt_weights import parse_weights, uses_weights
 from ip_adapter.attention_processor import AttnProcessor, IPAttnProcessor
 from ip_adapter.weights import (
@@ -61,6 +62,7 @@ TINY_DIR = "tiny"
 PROMPT = "a photo of a person, best quality"
 # Written by save_pretrained beside the diffusers folders (official layout, loads in ComfyUI too).
 ADAPTER_FILENAME = "ip-adapter.safetensors"
+CUDA_DEVICE = "cuda"  # what pipe.cuda() moves to (tests point it at the CPU)
 
 
 def face_embedding_tensor(image_embeds, dim: int) -> torch.Tensor:
@@ -99,15 +101,20 @@ def _as_output(processor, images: torch.Tensor, output_type: str):
     return arr if output_type == "np" else processor.numpy_to_pil(arr)
 
 
+def _token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids without BOS/EOS, with no length limit (and without transformers' too-long warning)."""
+    return tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text)) if text else []
+
+
 def _token_count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
+    return len(_token_ids(tokenizer, text))
 
 
 def _weighted_tokens(tokenizer, text: str) -> tuple[list[int], list[float]]:
     """Token ids of ``text`` without the syntax, and each token's weight."""
     ids, weights = [], []
     for piece, weight in parse_weights(text):
-        piece_ids = tokenizer(piece, add_special_tokens=False).input_ids
+        piece_ids = _token_ids(tokenizer, piece)
         ids += piece_ids
         weights += [weight] * len(piece_ids)
     return ids, weights
@@ -194,13 +201,13 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         self.register_modules(image_proj_model=image_proj_model)
 
     # ---- devices, dtypes, saving ---------------------------------------------------------------
-    def cuda(self, dtype=torch.float16, use_xformers: bool = False, device: str | torch.device = "cuda"):
+    def cuda(self, dtype=torch.float16, use_xformers: bool = False, device: str | torch.device | None = None):
         """The official pipeline's ``pipe.cuda()``: every component (the Resampler included) to ``device``/``dtype``.
 
         ``use_xformers`` is accepted for the official scripts; the attention processors here use PyTorch's
         ``scaled_dot_product_attention``, which has the same memory profile, so nothing is swapped (xformers'
         processors would drop the face tokens)."""
-        self.to(device, dtype)
+        self.to(device or CUDA_DEVICE, dtype)
         if self.image_proj_model is not None:
             self.image_proj_model.to(self.unet.device, self.unet.dtype)
         if use_xformers:
@@ -925,6 +932,202 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         if self.watermark is not None:
             image = self.watermark.apply_watermark(image)
         return self.image_processor.postprocess(image, output_type=output_type)
+
+
+# ---- helpers for scripts and apps ----------------------------------------------------------------
+def _gen_size(width: int, height: int, size: int, multiple: int = 64) -> tuple[int, int]:
+    """Generation size for a crop: longer side ``size``, aspect kept, both multiples of ``multiple``."""
+    ratio = size / max(width, height)
+    return (
+        max(multiple, int(round(width * ratio)) // multiple * multiple),
+        max(multiple, int(round(height * ratio)) // multiple * multiple),
+    )
+
+
+def detect_faces(analyzer, image) -> list[dict]:
+    """Every face ``analyzer`` (a ``faceid.face.analysis.FaceAnalyzer``) finds in ``image``, left to right, as
+    ``{"bbox": [4], "kps": [5, 2], "score": float}`` in the image's pixels."""
+    from faceid.face.images import to_bgr
+
+    image = image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+    det = analyzer.detect(to_bgr(image))
+    order = left_to_right(det.bboxes) if len(det.bboxes) else []
+    return [{"bbox": det.bboxes[i], "kps": det.kpss[i], "score": float(det.scores[i])} for i in order]
+
+
+def pose_from_image(analyzer, image, size=None, min_side: int = 1024, max_side: int = 1280) -> dict:
+    """Pose reference: the keypoints of the largest face of ``image`` (path or PIL), in an output frame of
+    ``size`` (W, H) — by default the pose image resized like the face image would be (:func:`fit_size`).
+
+    Returns ``{"kps", "kps_image", "size", "bbox"}`` (coordinates in the output frame); raises ``ValueError``
+    when no face is found."""
+    from faceid.face.images import load_image
+
+    image = load_image(image) if not isinstance(image, Image.Image) else image
+    face = analyzer.analyze(image)
+    if face is None:
+        raise ValueError("pose image: no face found")
+    frame = tuple(face.frame)
+    size = tuple(size) if size else fit_size(*frame, min_side=min_side, max_side=max_side)
+    sx, sy = size[0] / frame[0], size[1] / frame[1]
+    kps = np.asarray(face.kps, np.float64) * [sx, sy]
+    bbox = np.asarray(face.bbox, np.float64) * [sx, sy, sx, sy]
+    return {"kps": kps, "kps_image": draw_kps(size, kps), "size": size, "bbox": bbox}
+
+
+def people_inputs(embeddings, size, bboxes, kps=None, region_scale: float = 2.0) -> list[dict]:
+    """The ``faces=`` argument for several people: person ``i`` has embedding ``embeddings[i]``, face box
+    ``bboxes[i]`` and keypoints ``kps[i]`` (default: estimated from the box) in an output of ``size`` (W, H).
+
+    Each person's region is their box grown ``region_scale`` times, split between neighbours by the nearest face
+    centre (:func:`faceid.face.regions.region_masks`); their keypoint image holds only their own keypoints."""
+    if len(embeddings) != len(bboxes):
+        raise ValueError(
+            f"{len(embeddings)} identities for {len(bboxes)} face boxes: give one box per person"
+        )
+    kps = kps if kps is not None else [kps_from_bbox(b) for b in bboxes]
+    masks = region_masks(size, bboxes, scale=region_scale)
+    return [
+        {"image_embeds": e, "image": draw_kps(size, k), "mask": m, "bbox": np.asarray(b, np.float64)}
+        for e, k, m, b in zip(embeddings, kps, masks, bboxes)
+    ]
+
+
+def face_inpaint(
+    pipe,
+    image,
+    image_embeds,
+    prompt,
+    bbox=None,
+    kps=None,
+    analyzer=None,
+    size: int = 1024,
+    context: float = 2.0,
+    expand: float = 1.3,
+    feather: float = 0.2,
+    strength: float = 0.85,
+    return_mask: bool = False,
+    **call_kwargs,
+):
+    """Put the person of ``image_embeds`` into the photo ``image`` in place of its face.
+
+    The face's ``bbox`` (and ``kps``) are given, or detected with ``analyzer`` (the largest face; keypoints are
+    estimated from the box when only a box is given). A crop ``context`` times the face is generated at ``size``
+    (longer side) from the photo (``strength`` of the schedule) with the target's keypoints, inside the face box
+    grown ``expand`` times with feathered edges (``feather``); the result is pasted back with that mask, so every
+    pixel outside it is the photo's. ``call_kwargs`` go to the pipeline (steps, guidance, generator, scales, ...).
+
+    Returns the new photo (PIL), and the ``[H, W]`` mask when ``return_mask``.
+    """
+    image = image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+    if bbox is None:
+        if analyzer is None:
+            raise ValueError("face_inpaint: give bbox (x1, y1, x2, y2) or an analyzer to detect the face")
+        face = analyzer.analyze(image)
+        if face is None:
+            raise ValueError("face_inpaint: no face found in the target image")
+        bbox, kps = face.bbox, face.kps if kps is None else kps
+    bbox = np.asarray(bbox, np.float64)
+    kps = kps_from_bbox(bbox) if kps is None else np.asarray(kps, np.float64)
+    x1, y1, x2, y2 = crop_box(bbox, image.size, context=max(context, expand * 1.1))
+    cw, ch = x2 - x1, y2 - y1
+    # Only the crop is regenerated: the mask is cut to it, so "outside the mask" really is untouched.
+    mask = np.zeros((image.size[1], image.size[0]), np.float32)
+    mask[y1:y2, x1:x2] = feathered_mask(image.size, bbox, expand=expand, feather=feather)[y1:y2, x1:x2]
+    gw, gh = _gen_size(cw, ch, size)
+    crop = image.crop((x1, y1, x2, y2)).resize((gw, gh), Image.LANCZOS)
+    crop_mask = Image.fromarray(mask[y1:y2, x1:x2]).resize((gw, gh), Image.BILINEAR)
+    crop_kps = (kps - [x1, y1]) * [gw / cw, gh / ch]
+    out = pipe(
+        prompt,
+        image_embeds=image_embeds,
+        image=draw_kps((gw, gh), crop_kps),
+        init_image=crop,
+        mask_image=np.clip(np.asarray(crop_mask, np.float32), 0, 1),
+        strength=strength,
+        width=gw,
+        height=gh,
+        output_type="pil",
+        **call_kwargs,
+    ).images[0]
+    back = np.asarray(out.resize((cw, ch), Image.LANCZOS), np.float32)
+    result = np.asarray(image, np.float32).copy()
+    m = mask[y1:y2, x1:x2, None]
+    result[y1:y2, x1:x2] = result[y1:y2, x1:x2] * (1 - m) + back * m
+    result = Image.fromarray(np.clip(np.rint(result), 0, 255).astype(np.uint8))
+    return (result, mask) if return_mask else result
+
+
+def face_detail(
+    pipe, image, image_embeds, prompt, bbox=None, kps=None, analyzer=None, strength=0.45, **kwargs
+):
+    """Face-detail pass for small faces: regenerate the face region of a generated ``image`` larger (at
+    ``size``, default 1024) with the same identity and paste it back (:func:`face_inpaint` with a lower
+    ``strength``, so the composition stays and the face gains detail)."""
+    return face_inpaint(
+        pipe, image, image_embeds, prompt, bbox=bbox, kps=kps, analyzer=analyzer, strength=strength, **kwargs
+    )
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``"path/to/lora.safetensors:0.8"`` → ``(path, 0.8)``; without ``:SCALE`` the scale is 1.0."""
+    path, sep, scale = str(spec).rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return str(spec), 1.0
+
+
+def load_loras(pipe, specs) -> list[str]:
+    """Load LoRAs (``"PATH[:SCALE]"`` strings or ``(path, scale)`` pairs; a file or a folder with
+    ``pytorch_lora_weights.safetensors``) into the UNet/text encoders and activate them all with their scales.
+    Needs ``peft``. Returns the adapter names (``lora0``, ``lora1``...)."""
+    names, weights = [], []
+    for i, spec in enumerate(specs):
+        path, scale = parse_lora_spec(spec) if isinstance(spec, str) else (str(spec[0]), float(spec[1]))
+        if not Path(path).exists():
+            raise FileNotFoundError(f"LoRA not found: {path}")
+        name = f"lora{i}"
+        p = Path(path)
+        if p.is_file():
+            pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=name)
+        else:
+            pipe.load_lora_weights(str(p), adapter_name=name)
+        names.append(name)
+        weights.append(scale)
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)
+    return names
+
+
+def unload_loras(pipe) -> None:
+    """Remove every LoRA: the weights are exactly those before :func:`load_loras`."""
+    pipe.unload_lora_weights()
+
+
+OFFLOAD_CHOICES = ("none", "model", "sequential")
+
+
+def apply_memory_options(
+    pipe, offload: str = "none", vae_slicing: bool = False, vae_tiling: bool = False, device=None
+):
+    """Small-GPU presets. ``offload="model"``: each model moves to the GPU only while it runs (the UNet and
+    IdentityNet together during denoising); ``"sequential"``: layer by layer (least memory, slowest).
+    ``vae_slicing`` decodes a batch one image at a time; ``vae_tiling`` decodes large images in tiles.
+    ``device`` is the accelerator (default: the one found; on a CPU-only machine pass "cpu" to test)."""
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    return pipe
 
 
 def load_pipeline(

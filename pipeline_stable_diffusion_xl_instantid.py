@@ -1131,9 +1131,17 @@ def apply_memory_options(
 
 
 def load_pipeline(
-    base_model, controlnet, face_adapter, device=None, dtype=None, extra_controlnets=(), progress: bool = True
+    base_model,
+    controlnet,
+    face_adapter,
+    device=None,
+    dtype=None,
+    extra_controlnets=(),
+    progress: bool = True,
+    vae=None,
 ):
-    """Base SDXL + IdentityNet (+ extra ControlNets) + face adapter, on the best device available."""
+    """Base SDXL + IdentityNet (+ extra ControlNets) + face adapter, on the best device available; ``vae`` is
+    another VAE (folder or hub id), e.g. ``madebyollin/sdxl-vae-fp16-fix`` that decodes in fp16 without NaNs."""
     from faceid.runtime import dtype_kwargs, pick_device_dtype
 
     device, dtype = pick_device_dtype(device, dtype)
@@ -1141,9 +1149,15 @@ def load_pipeline(
         ControlNetModel.from_pretrained(str(p), **dtype_kwargs(dtype))
         for p in (controlnet, *extra_controlnets)
     ]
+    extra = {}
+    if vae is not None:
+        from diffusers import AutoencoderKL
+
+        extra["vae"] = AutoencoderKL.from_pretrained(str(vae), **dtype_kwargs(dtype))
     pipe = StableDiffusionXLInstantIDPipeline.from_pretrained(
         str(base_model),
         controlnet=nets[0] if len(nets) == 1 else nets,
+        **extra,
         add_watermarker=False,
         **dtype_kwargs(dtype),
     )

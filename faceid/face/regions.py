@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+# insightface.utils.face_align.arcface_dst: the five keypoints in a 112x112 aligned face (importing insightface
+# for five numbers costs seconds).
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
+
 
 def as_bbox(bbox) -> np.ndarray:
     b = np.asarray(bbox, dtype=np.float64).reshape(-1)
@@ -59,10 +65,8 @@ def crop_box(
 def kps_from_bbox(bbox) -> np.ndarray:
     """Five keypoints (eyes, nose, mouth corners) at the ArcFace template positions inside ``bbox``: for faces
     given as boxes only."""
-    from insightface.utils.face_align import arcface_dst
-
     x1, y1, x2, y2 = as_bbox(bbox)
-    return (np.asarray(arcface_dst, np.float64) / 112.0 * [x2 - x1, y2 - y1] + [x1, y1]).astype(np.float32)
+    return (ARCFACE_TEMPLATE / 112.0 * [x2 - x1, y2 - y1] + [x1, y1]).astype(np.float32)
 
 
 def region_masks(size: tuple[int, int], bboxes, scale: float = 2.0) -> list[np.ndarray]:
@@ -87,3 +91,17 @@ def left_to_right(bboxes) -> list[int]:
     """Indices of ``bboxes`` ordered by their centre's x (how several people are matched to identities)."""
     b = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
     return [int(i) for i in np.argsort((b[:, 0] + b[:, 2]) / 2, kind="stable")]
+
+
+def bbox_from_kps(kps) -> np.ndarray:
+    """The face box whose ArcFace-template keypoints best fit ``kps`` (least squares per axis): the inverse of
+    :func:`kps_from_bbox`, for faces known only by their keypoints."""
+    t = ARCFACE_TEMPLATE / 112.0
+    k = np.asarray(kps, np.float64).reshape(-1, 2)
+    box = []
+    for axis in (0, 1):
+        a = np.stack([np.ones(len(t)), t[:, axis]], axis=1)
+        (origin, extent), *_ = np.linalg.lstsq(a, k[:, axis], rcond=None)
+        box.append((origin, origin + max(extent, 1e-3)))
+    (x1, x2), (y1, y2) = box
+    return np.array([x1, y1, x2, y2])

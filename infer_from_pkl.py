@@ -4,6 +4,11 @@ Edit the paths and prompts below, or override any of them with a flag::
 
     python infer_from_pkl.py --face_image me.jpg --face_info me.pkl --prompt "a knight" --num_images 4
     python infer_from_pkl.py --tiny tiny          # fully offline on tiny weights (built if missing)
+    python infer_from_pkl.py --pose_image pose.jpg            # keypoints (and size) from another photo's face
+    python infer_from_pkl.py --inpaint_image group.jpg        # put the person into a photo, in place of its face
+    python infer_from_pkl.py --extra_face_info b.pkl --pose_image two_people.jpg   # several people
+    python infer_from_pkl.py --lora lcm-lora-sdxl:1.0 --scheduler lcm              # fast mode
+    python infer_from_pkl.py --offload model --vae_slicing --vae madebyollin/sdxl-vae-fp16-fix  # small GPUs
 
 Writes ``OUTPUT_DIR/<prompt#>_<seed>.png`` and ``OUTPUT_DIR/settings.json`` (every setting used, and one entry
 per image: ``path``, ``prompt``, ``seed``, ``face_image``, ``face_info``), which ``evaluate.py`` reads.
@@ -43,6 +48,9 @@ CONTROLNET_SCALE = 0.8
 # ------------------------------------------------------------------------------------------------
 
 SCHEDULERS = ("default", "euler", "euler_a", "dpm++", "lcm", "ddim")
+# LCM(-LoRA) wants few steps and little guidance; used when --scheduler lcm is given and these are left at default.
+LCM_STEPS = 6
+LCM_GUIDANCE = 1.5
 
 
 def parse_args(argv=None):
@@ -83,6 +91,79 @@ def parse_args(argv=None):
         default=None,
         metavar="DIR",
         help="use the tiny offline checkpoints in DIR (built if missing)",
+    )
+    g = p.add_argument_group("pose, img2img, inpainting, several people")
+    g.add_argument(
+        "--pose_image",
+        default=None,
+        help="take the keypoints (and, unless --width/--height, the size) from "
+        "the largest face of this image",
+    )
+    g.add_argument("--init_image", default=None, help="img2img: start from this image (see --strength)")
+    g.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="img2img/inpainting: share of the schedule that runs (0 keeps the image; default 0.8 / 0.85)",
+    )
+    g.add_argument(
+        "--inpaint_image",
+        default=None,
+        help="face-inpaint mode: put the person into this photo in place of its (largest) face",
+    )
+    g.add_argument(
+        "--inpaint_bbox", default=None, help="x1,y1,x2,y2 of the face to replace (default: detected)"
+    )
+    g.add_argument("--mask_expand", type=float, default=1.3, help="inpaint mask: face box grown this much")
+    g.add_argument(
+        "--mask_feather", type=float, default=0.2, help="inpaint mask: soft edge, share of the box"
+    )
+    g.add_argument(
+        "--inpaint_size",
+        type=int,
+        default=1024,
+        help="inpainting/face detail: generation size of the face crop",
+    )
+    g.add_argument(
+        "--extra_face_info",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="several people: face-info file of one more person (repeatable; people go left to right)",
+    )
+    g.add_argument(
+        "--face_boxes",
+        default=None,
+        help="several people: 'x1,y1,x2,y2;x1,y1,x2,y2' in output pixels "
+        "(default: the faces found in --pose_image)",
+    )
+    g.add_argument("--region_scale", type=float, default=2.0, help="several people: region = face box x this")
+    g.add_argument(
+        "--face_detail",
+        action="store_true",
+        help="after generating, regenerate the face larger with the same identity and paste it back",
+    )
+    g.add_argument("--face_detail_strength", type=float, default=0.45)
+    m = p.add_argument_group("LoRA and memory")
+    m.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA file or folder, optional scale (repeatable; e.g. an LCM-LoRA with --scheduler lcm)",
+    )
+    m.add_argument(
+        "--offload",
+        choices=("none", "model", "sequential"),
+        default="none",
+        help="model: ~half the GPU memory, a little slower; sequential: least memory, much slower",
+    )
+    m.add_argument("--vae_slicing", action="store_true", help="decode one image of a batch at a time")
+    m.add_argument("--vae_tiling", action="store_true", help="decode large images in tiles")
+    m.add_argument(
+        "--vae",
+        default=None,
+        help="another VAE folder or hub id, e.g. madebyollin/sdxl-vae-fp16-fix (fp16-safe)",
     )
     return p.parse_args(argv)
 
@@ -166,16 +247,230 @@ def set_scheduler(pipe, name: str) -> None:
 
 def pipeline_key(args) -> tuple:
     """What identifies a loaded pipeline: callers that keep one (the evaluation grid) reuse it while this is equal."""
-    return (args.base_model, args.controlnet, args.face_adapter, args.device, args.dtype)
+    return (
+        args.base_model,
+        args.controlnet,
+        args.face_adapter,
+        args.device,
+        args.dtype,
+        getattr(args, "vae", None),
+        tuple(getattr(args, "lora", None) or ()),
+        getattr(args, "offload", "none"),
+        bool(getattr(args, "vae_slicing", False)),
+        bool(getattr(args, "vae_tiling", False)),
+    )
 
 
 def load_from_args(args):
-    """The pipeline for ``args``'s weights, device and dtype."""
+    """The pipeline for ``args``'s weights, device and dtype, with its VAE, LoRAs and memory options."""
     from faceid.runtime import pick_device_dtype
-    from pipeline_stable_diffusion_xl_instantid import load_pipeline
+    from pipeline_stable_diffusion_xl_instantid import apply_memory_options, load_loras, load_pipeline
 
     device, dtype = pick_device_dtype(args.device, args.dtype)
-    return load_pipeline(args.base_model, args.controlnet, args.face_adapter, device=device, dtype=dtype)
+    vae = getattr(args, "vae", None)
+    pipe = load_pipeline(
+        args.base_model, args.controlnet, args.face_adapter, device=device, dtype=dtype, vae=vae
+    )
+    loras = getattr(args, "lora", None) or []
+    if loras:
+        try:
+            load_loras(pipe, loras)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SystemExit(f"--lora: {exc}") from exc
+    offload = getattr(args, "offload", "none")
+    apply_memory_options(
+        pipe,
+        offload=offload,
+        vae_slicing=getattr(args, "vae_slicing", False),
+        vae_tiling=getattr(args, "vae_tiling", False),
+        device=device if offload != "none" else None,
+    )
+    return pipe
+
+
+def parse_boxes(text: str) -> list[list[float]]:
+    """``"x1,y1,x2,y2;x1,y1,x2,y2"`` → boxes (SystemExit naming the flag when malformed)."""
+    boxes = []
+    for part in filter(None, (p.strip() for p in text.replace(" ", ";").split(";"))):
+        values = part.split(",")
+        try:
+            box = [float(v) for v in values]
+        except ValueError:
+            box = []
+        if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+            raise SystemExit(f"--face_boxes/--inpaint_bbox: {part!r} is not x1,y1,x2,y2 with x2>x1, y2>y1")
+        boxes.append(box)
+    return boxes
+
+
+def plan_from_args(args, face_image, embedding, kps):
+    """What to generate: ``{"mode", "size", "kps_image", ...}`` from the face and the pose/inpaint/people flags."""
+    from PIL import Image
+
+    from faceid.face.analysis import FaceAnalyzer
+    from faceid.face.images import ImageLoadError, load_image
+    from faceid.face.kps import draw_kps
+    from pipeline_stable_diffusion_xl_instantid import detect_faces, people_inputs, pose_from_image
+
+    analyzer = None
+
+    def get_analyzer():
+        nonlocal analyzer
+        if analyzer is None:
+            analyzer = FaceAnalyzer(args.face_root)
+        return analyzer
+
+    def load(path, flag):
+        try:
+            return load_image(path)
+        except (ImageLoadError, FileNotFoundError, OSError) as exc:
+            raise SystemExit(f"{flag}: {exc}") from exc
+
+    given = (args.width, args.height) if args.width and args.height else None
+    if args.inpaint_image:
+        if args.pose_image or args.extra_face_info or args.init_image:
+            raise SystemExit(
+                "--inpaint_image works alone (not with --pose_image, --extra_face_info, --init_image)"
+            )
+        target = load(args.inpaint_image, "--inpaint_image")
+        bbox, face_kps = None, None
+        if args.inpaint_bbox:
+            bbox = parse_boxes(args.inpaint_bbox)[0]
+        else:
+            face = get_analyzer().analyze(target)
+            if face is None:
+                raise SystemExit(f"--inpaint_image {args.inpaint_image}: no face found (give --inpaint_bbox)")
+            bbox, face_kps = face.bbox, face.kps
+        from faceid.face.regions import kps_from_bbox
+
+        face_kps = kps_from_bbox(bbox) if face_kps is None else face_kps
+        return {
+            "mode": "inpaint",
+            "size": target.size,
+            "target": target,
+            "bbox": [float(v) for v in bbox],
+            "kps": face_kps,
+            "kps_image": draw_kps(target.size, face_kps),
+        }
+
+    size, pose_kps = face_image.size, kps
+    if args.pose_image:
+        pose_img = load(args.pose_image, "--pose_image")
+        try:
+            pose = pose_from_image(
+                get_analyzer(), pose_img, size=given, min_side=args.min_side, max_side=args.max_side
+            )
+        except ValueError as exc:
+            raise SystemExit(f"--pose_image {args.pose_image}: {exc}") from exc
+        size, pose_kps = pose["size"], pose["kps"]
+    plan = {"mode": "img2img" if args.init_image else "t2i", "size": tuple(size), "kps": pose_kps}
+    if args.init_image:
+        plan["init_image"] = load(args.init_image, "--init_image").resize(tuple(size), Image.LANCZOS)
+
+    if args.extra_face_info or args.face_boxes:
+        from faceid.face.face_info import FaceInfoError, load_face_info
+
+        embeddings = [embedding]
+        for path in args.extra_face_info:
+            try:
+                embeddings.append(load_face_info(path)["embedding"])
+            except (FaceInfoError, FileNotFoundError) as exc:
+                raise SystemExit(f"--extra_face_info {path}: {exc}") from exc
+        if args.face_boxes:
+            boxes, people_kps = parse_boxes(args.face_boxes), None
+        elif args.pose_image:
+            found = detect_faces(get_analyzer(), pose_img)
+            if len(found) < len(embeddings):
+                raise SystemExit(
+                    f"--pose_image {args.pose_image}: {len(found)} face(s) for {len(embeddings)} people "
+                    "(give --face_boxes)"
+                )
+            # The largest faces, then left to right.
+            found = sorted(
+                found, key=lambda f: -(f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1])
+            )
+            found = sorted(found[: len(embeddings)], key=lambda f: f["bbox"][0] + f["bbox"][2])
+            sx, sy = size[0] / pose_img.size[0], size[1] / pose_img.size[1]
+            boxes = [np.asarray(f["bbox"], np.float64) * [sx, sy, sx, sy] for f in found]
+            people_kps = [np.asarray(f["kps"], np.float64) * [sx, sy] for f in found]
+        else:
+            raise SystemExit(
+                "several people (--extra_face_info) need --face_boxes or a --pose_image with faces"
+            )
+        if len(boxes) != len(embeddings):
+            raise SystemExit(f"--face_boxes: {len(boxes)} box(es) for {len(embeddings)} people")
+        faces = people_inputs(embeddings, size, boxes, kps=people_kps, region_scale=args.region_scale)
+        combined = np.maximum.reduce([np.asarray(f["image"]) for f in faces])
+        plan.update(
+            mode="people",
+            faces=faces,
+            kps_image=Image.fromarray(combined),
+            boxes=[list(map(float, b)) for b in boxes],
+        )
+        return plan
+    plan["kps_image"] = draw_kps(tuple(size), pose_kps)
+    return plan
+
+
+def generate(pipe, args, plan, prompt, embedding, generator):
+    """One image for ``prompt`` following ``plan`` (:func:`plan_from_args`)."""
+    from pipeline_stable_diffusion_xl_instantid import face_detail, face_inpaint
+
+    width, height = plan["size"]
+    common = dict(
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        ip_adapter_scale=args.ip_adapter_scale,
+        controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+        generator=generator,
+    )
+    if plan["mode"] == "inpaint":
+        return face_inpaint(
+            pipe,
+            plan["target"],
+            embedding,
+            prompt,
+            bbox=plan["bbox"],
+            kps=plan["kps"],
+            size=args.inpaint_size,
+            expand=args.mask_expand,
+            feather=args.mask_feather,
+            strength=0.85 if args.strength is None else args.strength,
+            **common,
+        )
+    if plan["mode"] == "people":
+        image = pipe(prompt, faces=plan["faces"], width=width, height=height, **common).images[0]
+    else:
+        extra = {}
+        if plan["mode"] == "img2img":
+            extra = dict(
+                init_image=plan["init_image"], strength=0.8 if args.strength is None else args.strength
+            )
+        image = pipe(
+            prompt,
+            image_embeds=embedding,
+            image=plan["kps_image"],
+            width=width,
+            height=height,
+            **extra,
+            **common,
+        ).images[0]
+    if args.face_detail and plan["mode"] != "people":
+        from faceid.face.regions import bbox_from_kps
+
+        image = face_detail(
+            pipe,
+            image,
+            embedding,
+            prompt,
+            bbox=bbox_from_kps(plan["kps"]),
+            kps=plan["kps"],
+            size=args.inpaint_size,
+            strength=args.face_detail_strength,
+            **common,
+        )
+    return image
 
 
 def main(args, pipe=None):
@@ -185,20 +480,30 @@ def main(args, pipe=None):
 
     from faceid.face.face_info import FaceInfoError
     from faceid.face.images import ImageLoadError
-    from faceid.face.kps import draw_kps
     from faceid.files import atomic_path, write_json_atomic
 
     if args.tiny:
         apply_tiny(args)
+    if args.scheduler == "lcm":
+        if args.steps == STEPS:
+            args.steps = LCM_STEPS
+        if args.guidance_scale == GUIDANCE_SCALE:
+            args.guidance_scale = LCM_GUIDANCE
     prompts = args.prompt or PROMPTS
     for label, path in (("face adapter", args.face_adapter), ("IdentityNet", args.controlnet)):
         if not Path(path).exists():
             raise SystemExit(f"{label} not found: {path} (run `python download.py` or pass --tiny DIR)")
+    for spec in args.lora:
+        from pipeline_stable_diffusion_xl_instantid import parse_lora_spec
+
+        if not Path(parse_lora_spec(spec)[0]).exists():
+            raise SystemExit(f"--lora: not found: {parse_lora_spec(spec)[0]}")
     try:
         face_image, embedding, kps = face_from_args(args)
     except (FaceInfoError, ImageLoadError) as exc:
         raise SystemExit(str(exc)) from exc
-    kps_image = draw_kps(face_image, kps)
+    plan = plan_from_args(args, face_image, embedding, kps)
+    kps_image = plan["kps_image"]
     if pipe is None:
         pipe = load_from_args(args)
     device, dtype = pipe.device, pipe.unet.dtype
@@ -210,26 +515,16 @@ def main(args, pipe=None):
     with atomic_path(kps_path) as tmp:
         kps_image.save(tmp, format="PNG")
     records = []
-    width, height = face_image.size
+    width, height = plan["size"]
     for p_idx, prompt in enumerate(prompts):
         for n in range(args.num_images):
             seed = args.seed + n
             path = out_dir / f"{p_idx:02d}_{seed}.png"
             if not (args.skip_existing and path.exists()):
                 t0 = time.time()
-                image = pipe(
-                    prompt,
-                    negative_prompt=args.negative_prompt,
-                    image_embeds=embedding,
-                    image=kps_image,
-                    width=width,
-                    height=height,
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance_scale,
-                    ip_adapter_scale=args.ip_adapter_scale,
-                    controlnet_conditioning_scale=args.controlnet_conditioning_scale,
-                    generator=torch.Generator(device="cpu").manual_seed(seed),
-                ).images[0]
+                image = generate(
+                    pipe, args, plan, prompt, embedding, torch.Generator(device="cpu").manual_seed(seed)
+                )
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")
                 print(f"[{p_idx}:{seed}] {path} ({time.time() - t0:.1f}s)")
@@ -245,19 +540,34 @@ def main(args, pipe=None):
                 }
             )
     settings = dict(vars(args))
-    for key in ("face_image", "face_info", "face_adapter", "controlnet", "base_model"):
+    for key in (
+        "face_image",
+        "face_info",
+        "face_adapter",
+        "controlnet",
+        "base_model",
+        "pose_image",
+        "init_image",
+        "inpaint_image",
+        "vae",
+    ):
         value = settings.get(key)
         if value and str(value).lower() != "none" and Path(value).exists():
             settings[key] = str(Path(value).resolve())
+    settings["extra_face_info"] = [str(Path(v).resolve()) for v in settings.get("extra_face_info") or []]
     settings.update(
         prompts=prompts,
         width=width,
         height=height,
         device=str(device),
         dtype=str(dtype),
+        mode=plan["mode"],
         kps_image=kps_path.name,
         images=records,
     )
+    for key in ("bbox", "boxes"):
+        if key in plan:
+            settings[f"plan_{key}"] = plan[key]
     write_json_atomic(out_dir / "settings.json", settings)
     print(f"wrote {len(records)} image(s) and {out_dir / 'settings.json'}")
     return records

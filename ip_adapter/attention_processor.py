@@ -2,7 +2,9 @@
 
 * :class:`AttnProcessor` — plain attention (self-attention layers); identical maths to diffusers' ``AttnProcessor2_0``.
 * :class:`IPAttnProcessor` — cross-attention whose last ``num_tokens`` context tokens are face tokens:
-  ``out = attn(q, text) + scale * mask * attn(q, face)`` with bias-free ``to_k_ip``/``to_v_ip``.
+  ``out = attn(q, text) + scale * mask * attn(q, face)`` with bias-free ``to_k_ip``/``to_v_ip``. With several
+  people the context ends with one group of ``num_tokens`` face tokens per person and ``region_mask`` is a list
+  with one mask per group: ``out = attn(q, text) + scale * sum_i mask_i * attn(q, face_i)``.
 
 Both are ``nn.Module`` so that ``nn.ModuleList(unet.attn_processors.values())`` indexes them like the official
 code (odd index = cross-attention) and both accept ``region_mask`` through ``cross_attention_kwargs``: a
@@ -118,7 +120,7 @@ class AttnProcessor(_Base):
             batch, seq = encoder_hidden_states.shape[:2]
             key, value = _cached(
                 kv_cache,
-                (id(attn), "kv"),
+                (id(attn), "kv", id(encoder_hidden_states)),  # IdentityNet runs once per person
                 encoder_hidden_states,
                 lambda: _project(attn, encoder_hidden_states),
             )
@@ -163,10 +165,15 @@ class IPAttnProcessor(_Base):
         self.to_k_ip = nn.Linear(self.cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(self.cross_attention_dim, hidden_size, bias=False)
 
-    def _kv(self, attn, context):
-        end = context.shape[1] - self.num_tokens
-        text, face = context[:, :end], context[:, end:]
-        return (*_project(attn, text), self.to_k_ip(face), self.to_v_ip(face))
+    def _kv(self, attn, context, groups: int = 1):
+        """Text keys/values, then one (key, value) pair per face group, each projected on its own (so a person's
+        tokens give the same numbers whether or not others share the image)."""
+        end = context.shape[1] - groups * self.num_tokens
+        text = context[:, :end]
+        faces = [
+            context[:, end + g * self.num_tokens : end + (g + 1) * self.num_tokens] for g in range(groups)
+        ]
+        return (*_project(attn, text), [(self.to_k_ip(f), self.to_v_ip(f)) for f in faces])
 
     def __call__(
         self,
@@ -182,30 +189,42 @@ class IPAttnProcessor(_Base):
         hidden_states, shape4 = self._prologue(attn, hidden_states, temb)
         if encoder_hidden_states is None:
             raise ValueError("IPAttnProcessor needs encoder_hidden_states = cat([text tokens, face tokens])")
+        # One mask per face group when several people share the image; a single mask (or None) for one face.
+        masks = list(region_mask) if isinstance(region_mask, (list, tuple)) else [region_mask]
+        groups = len(masks)
         batch, total = encoder_hidden_states.shape[:2]
-        end = total - self.num_tokens
+        end = total - groups * self.num_tokens
         if end <= 0:
             raise ValueError(
-                f"context has {total} tokens; expected text tokens followed by {self.num_tokens} face tokens"
+                f"context has {total} tokens; expected text tokens followed by {groups} x {self.num_tokens} "
+                "face tokens"
             )
-        key, value, face_key, face_value = _cached(
-            kv_cache, (id(attn), "ip"), encoder_hidden_states, lambda: self._kv(attn, encoder_hidden_states)
+        key, value, face_kv = _cached(
+            kv_cache,
+            (id(attn), "ip", groups),
+            encoder_hidden_states,
+            lambda: self._kv(attn, encoder_hidden_states, groups),
         )
         attention_mask = self._mask(attn, attention_mask, end, batch)
         query = attn.to_q(hidden_states)
         out = self._sdpa(attn, query, key, value, attention_mask)
         if self.scale != 0:
-            face_out = self._sdpa(attn, query, face_key, face_value)
-            if region_mask is not None:
-                tokens = face_out.shape[1]
-                mask = _cached(
-                    kv_cache,
-                    ("mask", tokens, batch),
-                    region_mask,
-                    lambda: mask_to_tokens(region_mask.to(face_out.device), tokens, batch).to(face_out.dtype),
-                )
-                face_out = face_out * mask
-            out = out + self.scale * face_out
+            face = None
+            for g, (mask, (face_key, face_value)) in enumerate(zip(masks, face_kv)):
+                face_out = self._sdpa(attn, query, face_key, face_value)
+                if mask is not None:
+                    tokens = face_out.shape[1]
+                    token_mask = _cached(
+                        kv_cache,
+                        ("mask", tokens, batch, g),
+                        mask,
+                        lambda m=mask, o=face_out: mask_to_tokens(m.to(o.device), o.shape[1], batch).to(
+                            o.dtype
+                        ),
+                    )
+                    face_out = face_out * token_mask
+                face = face_out if face is None else face + face_out
+            out = out + self.scale * face
         return self._epilogue(attn, out, residual, shape4)
 
 

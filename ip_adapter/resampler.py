@@ -78,6 +78,15 @@ class Resampler(nn.Module):
             for _ in range(depth)
         )
 
+    # Pipelines ask every component for these (diffusers' ``pipe.device``/``pipe.dtype``, offload hooks).
+    @property
+    def device(self) -> torch.device:
+        return self.latents.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.latents.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, embedding_dim]`` or ``[B, N, embedding_dim]`` → ``[B, num_queries, output_dim]``."""
         if x.ndim == 2:

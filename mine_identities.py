@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no_mutual", action="store_true", help="keep one-sided kNN edges too (more chaining)")
     g.add_argument("--max_cluster_size", type=int, default=5000, help="larger components are split again")
     g.add_argument(
-        "--min_cluster_cos", type=float, default=0.35, help="components with a lower mean cosine are split"
+        "--min_cluster_cos", type=float, default=0.4, help="components with a lower mean cosine are split"
     )
     g.add_argument("--labels", default=LABELS, choices=["check", "constrain", "keep", "ignore"])
     g.add_argument("--id_prefix", default=ID_PREFIX)

@@ -33,7 +33,7 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_K = 32
 # Two people merged into one cluster have a mean within-cluster cosine near half their own; a single person
 # rarely falls under this.
-DEFAULT_MIN_MEAN_COS = 0.35
+DEFAULT_MIN_MEAN_COS = 0.4
 DEFAULT_MAX_SIZE = 5000
 SPLIT_STEP = 0.05
 FLAT_MAX_ROWS = 100_000  # exact search up to this many embeddings ("auto"), IVF above

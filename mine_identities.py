@@ -251,11 +251,9 @@ def main(args) -> int:
         "hash_errors": [e for _, e in hash_errors[:20]],
         "seconds": round(time.perf_counter() - started, 2),
     }
-    if names:
-        truth = [g if g is not None else f"\0{i}" for i, g in enumerate(given)]
-        summary["purity"], summary["inverse_purity"] = C.purity(
-            labels, np.array(truth, dtype=object).astype(str)
-        )
+    if names:  # agreement with the given labels, over the labelled photos
+        lab = np.flatnonzero(given_num >= 0)
+        summary["purity"], summary["inverse_purity"] = C.purity(labels[lab], given_num[lab])
     order = np.argsort(-res.sizes, kind="stable")[: args.contact_persons]
     faces = io.face_sources(index)
     faces = [faces[r] for r in use]
@@ -278,7 +276,7 @@ def main(args) -> int:
           f"photos, {summary['singletons']} singletons); {pr.num_pairs} pairs for {summary['targets_with_pairs']} "
           f"targets, {pr.dup_pairs_excluded} near-duplicate pairs excluded")  # fmt: skip
     if names:
-        print(f"[mine_identities] against the given labels: purity {summary['purity']:.4f}, inverse purity "
+        print(f"[mine_identities] against the given labels ({int((given_num >= 0).sum())} photos): purity {summary['purity']:.4f}, inverse purity "
               f"{summary['inverse_purity']:.4f}; {len(mixed)} cluster(s) mix labels, {len(spread)} label(s) split")  # fmt: skip
         for c, d in mixed[:5]:
             print(f"  {cluster_name[c]} mixes " + ", ".join(f"{g} x{n}" for g, n in d.items()))

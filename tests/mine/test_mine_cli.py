@@ -125,3 +125,60 @@ def test_bad_inputs_clear_messages(tmp_path, capsys):
     assert "no embedding field" in err and "not JSON" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         mine.parse_args(["--index", "a", "--output", "b", "--threshold", "1.5"])
+
+
+def test_perceptual_hash_of_face_crops_excludes_reposts(tmp_path):
+    """Same picture under two lines (a re-post, re-encoded and scaled) but embeddings that differ: only the hash
+    sees it."""
+    from PIL import Image
+
+    index, s = make_index(tmp_path / "d", n=200)
+    recs = _read(index)
+    big = np.bincount(s.person).argmax()
+    rows = np.flatnonzero((s.person == big) & (s.dup_of < 0))[:4]
+    (tmp_path / "d" / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for n, i in enumerate(rows):
+        pic = Image.fromarray(rng.integers(0, 255, (6, 8, 3)).astype(np.uint8)).resize(
+            (160, 120), Image.BICUBIC
+        )
+        if n == 3:  # row 3 re-posts row 0's picture
+            pic = Image.open(tmp_path / "d" / recs[rows[0]]["image"]).resize((320, 240))
+        pic.save(tmp_path / "d" / recs[i]["image"], quality=80)
+        recs[i]["bbox"] = [0, 0, pic.size[0], pic.size[1]]
+    index.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    out = tmp_path / "m.jsonl"
+    assert (
+        mine.main(
+            mine.parse_args(
+                ["--index", str(index), "--output", str(out), "--no_progress", "--max_refs", "99"]
+            )
+        )
+        == 0
+    )
+    got = _read(out)
+    a, b = recs[rows[0]]["id"], recs[rows[3]]["id"]
+    assert b not in got[rows[0]]["reference"]["ids"] and a not in got[rows[3]]["reference"]["ids"]
+    assert recs[rows[1]]["id"] in got[rows[0]]["reference"]["ids"]
+    report = json.loads((tmp_path / "m_report" / "report.json").read_text())
+    assert report["hash_errors"]  # the lines without pictures are reported, and still mined by cosine
+    assert mine.main(mine.parse_args(["--index", str(index), "--output", str(out), "--no_progress", "--max_refs", "99",
+                                      "--hash", "none"])) == 0  # fmt: skip
+    assert b in _read(out)[rows[0]]["reference"]["ids"]
+
+
+def test_two_ranks_share_the_knn(tmp_path, monkeypatch):
+    from faceid.mine import clusters as C
+
+    monkeypatch.setattr(C, "CHUNK_ROWS", 64)
+    index, _ = make_index(tmp_path / "d", n=300)
+    want = tmp_path / "one.jsonl"
+    assert run("--index", index, "--output", want) == 0
+    out = tmp_path / "two.jsonl"
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert run("--index", index, "--output", out) == 0
+        assert out.exists() == (rank == 0)
+    assert sorted((tmp_path / ".mining").glob("knn-w002-*.npz"))
+    assert out.read_text() == want.read_text()

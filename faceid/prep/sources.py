@@ -8,7 +8,7 @@
 * :func:`iter_faceid6m` — an extracted FaceID-6M / FaceID-70K folder: line N of its ``.jsonl`` is image ``N.png``
   (with ``N.npy`` and ``face/N.png`` beside it); the paths written inside the jsonl are ignored.
 * :func:`iter_parquet` — the Hub's parquet layout (what ``datasets`` writes and the Hub converts datasets to): one
-  or more ``.parquet`` files (a folder is searched recursively, e.g. ``data/train-00000-of-00004.parquet``) with an
+  or more ``.parquet`` files (a folder is searched 3 levels deep, e.g. ``data/train-00000-of-00004.parquet``) with an
   image column (``{"bytes", "path"}`` structs, or plain binary) and metadata columns (caption, person...). Items
   carry the encoded image bytes (:attr:`SourceItem.data`); preprocessing writes accepted ones under ``OUT/images/``.
 * :func:`iter_imagefolder` — the ``imagefolder`` layout: images with a ``metadata.jsonl`` or ``metadata.csv`` (in the
@@ -179,11 +179,25 @@ PARQUET_IMAGE_COLUMNS = ("image", "img", "jpg", "png", "picture", "face_image")
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 
 
+# Hub layouts keep parquet / metadata files at most this deep (``data/x.parquet``, ``config/split/x.parquet``,
+# ``train/metadata.csv``); not walking deeper keeps detection fast on folders of millions of images.
+LAYOUT_DEPTH = 3
+
+
+def _shallow(root: Path, name: str) -> list[Path]:
+    found = []
+    for depth in range(LAYOUT_DEPTH):
+        found += root.glob("/".join(["*"] * depth + [name]))
+    return sorted(
+        p for p in found if p.is_file() and not any(x.startswith(".") for x in p.relative_to(root).parts)
+    )
+
+
 def parquet_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts))
+    return _shallow(path, "*.parquet")
 
 
 def _image_column(schema, wanted: str | None, where: str) -> str:
@@ -305,7 +319,7 @@ def _metadata_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
 
 def metadata_files(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
-    return sorted(p for p in root.rglob("metadata.*") if p.name in METADATA_NAMES)
+    return sorted(p for name in METADATA_NAMES for p in _shallow(root, name))
 
 
 def iter_imagefolder(root: str | os.PathLike, person_column: str | None = None) -> Iterator[SourceItem]:
@@ -352,9 +366,7 @@ def detect_kind(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{path}: input not found")
     if metadata_files(path):
         return "imagefolder"
-    if parquet_files(path) and not any(
-        p.suffix.lower() in IMAGE_EXTS for p in path.rglob("*") if p.is_file()
-    ):
+    if parquet_files(path) and not any(p.suffix.lower() in IMAGE_EXTS for p in path.iterdir()):
         return "parquet"
     if len(list(path.glob("*.jsonl"))) == 1 and any(
         re.fullmatch(r"\d+\.png", p.name) for p in path.iterdir()

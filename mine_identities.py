@@ -184,7 +184,10 @@ def main(args) -> int:
         todo = [(faces[i][0], faces[i][1]) for i in multi]
         h, hash_errors = P.hash_images(todo, args.hash, args.num_threads, progress)
         hashes[multi] = h
-    poses = P.head_poses([io.keypoints(index)[r] for r in use]) if args.prefer_pose_change else None
+    poses = None
+    if args.prefer_pose_change:
+        kps = io.keypoints(index)
+        poses = P.head_poses([kps[r] for r in use])
     pr = P.mine_pairs(x, labels, hashes, poses, args.near_dup_cos, args.hash_max_dist, args.min_pair_cos,
                       args.max_refs, args.prefer_pose_change, progress=progress)  # fmt: skip
 

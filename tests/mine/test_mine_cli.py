@@ -182,3 +182,34 @@ def test_two_ranks_share_the_knn(tmp_path, monkeypatch):
         assert out.exists() == (rank == 0)
     assert sorted((tmp_path / ".mining").glob("knn-w002-*.npz"))
     assert out.read_text() == want.read_text()
+
+
+def test_prefer_pose_change_orders_references(tmp_path):
+    from faceid.mine.pairs import head_pose
+    from faceid.tiny.faces import ARCFACE_TEMPLATE
+
+    index, _ = make_index(tmp_path / "d", n=200)
+    recs = _read(index)
+    for i, r in enumerate(recs):
+        kps = ARCFACE_TEMPLATE.copy()
+        kps[2, 0] += (i % 7 - 3) * 4.0  # the nose moves: the head turns
+        r["kps"] = kps.tolist()
+    index.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    out = tmp_path / "m.jsonl"
+    assert run("--index", index, "--output", out, "--prefer_pose_change", "--max_refs", "3") == 0
+    yaw = {r["id"]: head_pose(r["kps"])[0] for r in recs}
+    got = _read(out)
+    checked = 0
+    for r in got:
+        refs = r.get("reference", {}).get("ids", [])
+        if len(refs) < 3 or r["cluster_photos"] < 6:
+            continue
+        change = [abs(yaw[k] - yaw[r["id"]]) for k in refs]
+        others = [
+            abs(yaw[o["id"]] - yaw[r["id"]])
+            for o in got
+            if o["person_id"] == r["person_id"] and o["id"] != r["id"]
+        ]
+        assert change == sorted(change, reverse=True) and change[0] == pytest.approx(max(others), abs=0.01)
+        checked += 1
+    assert checked > 10

@@ -4,7 +4,8 @@ One image (MFaceTech-compatible ``.pkl``, or our safe ``.npz`` by suffix)::
 
     python get_face_info.py --face_image me.jpg --output me.pkl [--root ./] [--resize]
 
-A dataset (folder of images, JSONL index, or an extracted FaceID-6M/70K folder) → ``index.jsonl`` (docs/design.md),
+A dataset (folder of images, JSONL index, an extracted FaceID-6M/70K folder, the Hub's parquet files with image
+bytes, or an imagefolder with metadata.jsonl / metadata.csv) → ``index.jsonl`` (docs/design.md),
 ``rejects.jsonl`` and ``embeddings/shard-*.npy``, resumable, on N processes::
 
     python get_face_info.py --input data/ --output out/ [--faceid6m_filters]
@@ -51,9 +52,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resize", action="store_true", help="single image: resize like inference first (frame)")
     p.add_argument("--verbose", action="store_true", help="show insightface's own messages")
     g = p.add_argument_group("dataset input")
-    g.add_argument("--source_kind", default="auto", choices=["auto", "folder", "jsonl", "faceid6m"])
+    g.add_argument(
+        "--source_kind",
+        default="auto",
+        choices=["auto", "folder", "jsonl", "faceid6m", "parquet", "imagefolder"],
+    )
     g.add_argument("--image_root", help="base folder for relative image paths of a JSONL index")
     g.add_argument("--person_from_folder", action="store_true", help="person id = image's sub-folder")
+    g.add_argument("--person_column", help="person id from this column / field (parquet, metadata, JSONL)")
+    g.add_argument(
+        "--person_pattern",
+        help="person id from the file name: a regex searched in the relative path (group 'person', or group 1)",
+    )
+    g.add_argument(
+        "--image_column", help="parquet: the column holding the images (default: found by name/type)"
+    )
     g.add_argument("--faceid6m_index_base", type=int, default=None, help="number of the first line's image")
     g.add_argument("--max_pixels", type=int, default=None, help="decompression-bomb limit (pixels)")
     f = p.add_argument_group("filters")
@@ -78,6 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.input and not args.output:
         p.error("dataset mode needs --output (a folder, or the index .jsonl path)")
     args.retry_sizes = [int(s) for s in str(args.retry_sizes).replace(" ", "").split(",") if s]
+    if args.person_pattern:
+        import re
+
+        try:
+            re.compile(args.person_pattern)
+        except re.error as exc:
+            p.error(f"--person_pattern is not a valid regular expression: {exc}")
     return args
 
 
@@ -122,6 +142,21 @@ def single_image(args) -> int:
 
 
 def dataset(args) -> int:
+    from faceid.prep.sources import SourceError, check_parquet, detect_kind, metadata_files
+
+    try:
+        kind = detect_kind(args.input) if args.source_kind == "auto" else args.source_kind
+        if kind == "parquet":
+            check_parquet(args.input, args.image_column)
+        if kind == "imagefolder" and not (Path(args.input).is_file() or metadata_files(args.input)):
+            raise SourceError(f"{args.input}: no metadata.jsonl / metadata.csv (the imagefolder layout)")
+    except (SourceError, FileNotFoundError) as exc:
+        print(f"[get_face_info] {exc}", file=sys.stderr)
+        return 2
+    return _dataset(args)
+
+
+def _dataset(args) -> int:
     from faceid.face.images import MAX_PIXELS
     from faceid.prep import engine as pp
     from faceid.prep.parts import PartStore, merge

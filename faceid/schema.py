@@ -30,6 +30,16 @@ EMBEDDING_KEYS = (
     "feature_file",
 )
 
+# Written by identity mining (mine_identities.py) next to ``person_id``; ``reference`` holds fixed pairs.
+PERSON_KEY = "person_id"
+GIVEN_PERSON_KEY = "person_id_given"  # a label the input had, when mining replaced it
+CLUSTER_SIZE_KEY = "cluster_size"  # photos in the mined person's cluster
+CLUSTER_COS_KEY = "cluster_cos"  # mean pairwise cosine inside the cluster (null for a singleton)
+CLUSTER_PHOTOS_KEY = "cluster_photos"  # distinct photos in the cluster (near-duplicates counted once)
+REFERENCE_KEY = "reference"
+FACE_IMAGE_KEY = "face_image"
+BBOX_KEY = "bbox"
+
 
 def image_of(record: dict):
     return first_value(record, IMAGE_KEYS)

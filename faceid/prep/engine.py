@@ -80,6 +80,26 @@ def _safe_name(key: str) -> str:
     return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
+def _suffix(item: SourceItem) -> str:
+    """The stored file's suffix: from the row's own file name, else sniffed from the bytes."""
+    from faceid.prep.sources import IMAGE_EXTS
+
+    ext = os.path.splitext(item.name or "")[1].lower()
+    if ext in IMAGE_EXTS:
+        return ext
+    head = (item.data or b"")[:16]
+    for magic, ext in (
+        (b"\x89PNG", ".png"),
+        (b"\xff\xd8", ".jpg"),
+        (b"RIFF", ".webp"),
+        (b"GIF8", ".gif"),
+        (b"BM", ".bmp"),
+    ):
+        if head.startswith(magic):
+            return ext
+    return ".img"
+
+
 @dataclass
 class Loaded:
     item: SourceItem
@@ -96,10 +116,11 @@ def load_item(item: SourceItem, filters: Filters, max_pixels: int, analyzer=None
     if item.error:
         code, _, detail = item.error.partition(": ")
         return Loaded(item, reason=code, detail=detail or item.error)
-    if not item.image:
+    if not item.image and item.data is None:
         return Loaded(item, reason="missing_field", detail="no image path")
     try:
-        img = load_image(item.image, max_pixels=max_pixels)
+        src = item.image if item.data is None else item.data
+        img = load_image(src, max_pixels=max_pixels, name=item.key if item.data is not None else None)
     except ImageLoadError as exc:
         return Loaded(item, reason=classify_load_error(str(exc)), detail=str(exc))
     except Exception as exc:  # anything PIL/numpy can throw on hostile files
@@ -181,6 +202,12 @@ class RankRunner:
         rec["person_id"] = item.person_id
         if "face_image" in item.extra:
             rec["face_image"] = _rel(item.extra["face_image"], self.out_dir)
+        if item.data is not None:  # image bytes from a parquet row: written once, where training reads it
+            rel = f"images/{_safe_name(item.key)}{_suffix(item)}"
+            data = item.data
+            durable_write(self.out_dir / rel, lambda fh: fh.write(data))
+            rec["image"] = rel
+            item.data = None
         if self.per_image_npy:
             rel = f"embeddings/per_image/{_safe_name(item.key)}.npy"
             emb = res.embedding.astype(np.float32)
@@ -340,6 +367,12 @@ def run_config(args, filters: Filters) -> dict:
         "det_thresh": args.det_thresh,
         "max_pixels": args.max_pixels,
         "per_image_npy": bool(args.per_image_npy),
+        # only when set, so that runs started before these options existed still resume
+        **{
+            k: getattr(args, k)
+            for k in ("person_column", "person_pattern", "image_column")
+            if getattr(args, k, None)
+        },
     }
 
 
@@ -350,6 +383,9 @@ def source_items(args):
         image_root=args.image_root,
         person_from_folder=args.person_from_folder,
         index_base=args.faceid6m_index_base,
+        person_column=getattr(args, "person_column", None),
+        person_pattern=getattr(args, "person_pattern", None),
+        image_column=getattr(args, "image_column", None),
     )
 
 

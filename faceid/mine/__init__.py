@@ -1,0 +1,1 @@
+"""Identity mining: person clusters from face embeddings, cross-identity pairs, reports."""

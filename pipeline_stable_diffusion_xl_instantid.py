@@ -120,12 +120,15 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         if self.image_proj_model is None:
             raise RuntimeError("call load_ip_adapter_instantid(path) before generating")
         emb = face_embedding_tensor(image_embeds, self.image_proj_model_in_features)
-        emb = emb.to(self.unet.device, dtype=self.image_proj_model.proj_in.weight.dtype)
+        # The Resampler's own device: with CPU offload the UNet sits on the CPU between calls, the Resampler
+        # (not a pipeline component) stays where it was put.
+        weight = self.image_proj_model.proj_in.weight
+        emb = emb.to(weight.device, dtype=weight.dtype)
         if do_cfg:
             emb = torch.cat([torch.zeros_like(emb), emb])
         with torch.no_grad():
             tokens = self.image_proj_model(emb)
-        return tokens.repeat_interleave(batch, dim=0)
+        return tokens.repeat_interleave(batch, dim=0).to(self._execution_device)
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -423,43 +423,44 @@ def summed_optim(data: dict) -> dict:
 
 
 def table(data: dict) -> tuple[list[dict], str]:
-    """Rows per (configuration, optimizer, checkpointing) at the measured resolutions and scaled to 1024 px."""
+    """Rows per (configuration, checkpointing, optimizer) with activations measured at the low resolution at
+    least; the high one, the factor and the 1024 px scaling appear when the high one is measured too."""
     w, o = data["weights"]["all"], summed_optim(data)
     lo, hi = data["resolutions"][0], data["resolutions"][-1]
+    unet_act, cn_act = data.get("unet_act", {}), data.get("cn_act", {})
     rows = []
     for train in ("adapter", "everything"):
         for ckpt in (0, 1):
             for opt in ("adamw", "adamw8bit"):
                 trained = ["adapter"] + (["identitynet"] if train == "everything" else [])
                 key = f"{opt}_states"
-                keys = [f"{r}/{ckpt}" for r in (lo, hi)]
-                if any(key not in o.get(t, {}) for t in trained) or any(
-                    k not in data.get("unet_act", {}) or f"{k}/{train}" not in data.get("cn_act", {})
-                    for k in keys
-                ):
+                if any(key not in o.get(t, {}) for t in trained):
                     continue
-                frozen = w["unet_bf16"]["rss"] + (
-                    0 if train == "everything" else w["identitynet_bf16"]["rss"]
-                )
-                acts = {}
-                for res in data["resolutions"]:
-                    acts[res] = (
-                        data["unet_act"][f"{res}/{ckpt}"]["activations"]
-                        + data["cn_act"][f"{res}/{ckpt}/{train}"]["activations"]
-                    )
-                factor = acts[hi] / acts[lo] if acts[lo] else float("nan")
-                act_1024 = acts[hi] * factor ** math.log(1024 / hi, hi / lo)
+                acts = {
+                    res: unet_act[f"{res}/{ckpt}"]["activations"]
+                    + cn_act[f"{res}/{ckpt}/{train}"]["activations"]
+                    for res in (lo, hi)
+                    if f"{res}/{ckpt}" in unet_act and f"{res}/{ckpt}/{train}" in cn_act
+                }
+                if lo not in acts:
+                    continue
+                factor = acts[hi] / acts[lo] if hi in acts else None
+                if factor is not None:
+                    acts[1024] = acts[hi] * factor ** math.log(1024 / hi, hi / lo)
                 row = dict(
                     train=train,
                     ckpt=bool(ckpt),
                     optimizer=opt,
-                    frozen_weights=frozen,
+                    frozen_weights=w["unet_bf16"]["rss"]
+                    + (0 if train == "everything" else w["identitynet_bf16"]["rss"]),
                     trained_weights=sum(o[t]["weights"] for t in trained),
                     gradients=sum(o[t]["gradients"] for t in trained),
                     optimizer_states=sum(o[t][key] for t in trained),
                     autocast_copies=sum(o[t]["autocast_copies"] for t in trained),
-                    activations={**acts, 1024: act_1024},
+                    activations=acts,
                     factor=factor,
+                    identitynet_states_scaled=bool(o.get("identitynet", {}).get("scaled_from_adapter"))
+                    and train == "everything",
                 )
                 fixed = sum(
                     row[k]
@@ -471,8 +472,12 @@ def table(data: dict) -> tuple[list[dict], str]:
                         "autocast_copies",
                     )
                 )
-                row["total"] = {r: fixed + a for r, a in row["activations"].items()}
+                row["total"] = {r: fixed + a for r, a in acts.items()}
                 rows.append(row)
+
+    def gb(x, fmt=".2f"):
+        return "n/m" if x is None else format(x / GB, fmt)
+
     head = (
         f"| trains | grad. ckpt | optimizer | frozen weights (bf16) | trained weights (fp32) | gradients | "
         f"optimizer states | autocast bf16 copies | activations {lo} / {hi} px (×) | activations 1024 px "
@@ -480,14 +485,19 @@ def table(data: dict) -> tuple[list[dict], str]:
     )
     lines = [head]
     for r in rows:
-        a = r["activations"]
+        a, t = r["activations"], r["total"]
+        factor = "" if r["factor"] is None else f" ({r['factor']:.2f})"
+        star = "*" if r["identitynet_states_scaled"] else ""
         lines.append(
             f"| {'adapter only' if r['train'] == 'adapter' else 'everything'} | {'yes' if r['ckpt'] else 'no'} "
-            f"| {'AdamW8bit' if r['optimizer'] == 'adamw8bit' else 'AdamW'} | {r['frozen_weights'] / GB:.2f} "
-            f"| {r['trained_weights'] / GB:.2f} | {r['gradients'] / GB:.2f} | {r['optimizer_states'] / GB:.2f} "
-            f"| {r['autocast_copies'] / GB:.2f} | {a[lo] / GB:.2f} / {a[hi] / GB:.2f} ({r['factor']:.2f}) "
-            f"| {a[1024] / GB:.1f} | {r['total'][hi] / GB:.1f} | {r['total'][1024] / GB:.1f} |"
+            f"| {'AdamW8bit' if r['optimizer'] == 'adamw8bit' else 'AdamW'} | {gb(r['frozen_weights'])} "
+            f"| {gb(r['trained_weights'])}{star} | {gb(r['gradients'])}{star} | {gb(r['optimizer_states'])}{star} "
+            f"| {gb(r['autocast_copies'])}{star} | {gb(a[lo])} / {gb(a.get(hi))}{factor} "
+            f"| {gb(a.get(1024), '.1f')} | {gb(t.get(hi), '.1f')} | {gb(t.get(1024), '.1f')} |"
         )
+    lines.append(
+        "n/m: not measured (yet); *: IdentityNet's part scaled per parameter from the adapter's measurement"
+    )
     return rows, "\n".join(lines)
 
 

@@ -58,4 +58,14 @@ def test_rows_sum_measured_parts_and_scale_to_1024():
     assert e["activations"][256] == 2 * G and e["factor"] == 2.5 and e["activations"][1024] == 5 * G * 5 / 2
     fixed = 5 * G + 44 * G // 10 + 44 * G // 10 + 88 * G // 10 + 22 * G // 10
     assert e["total"][512] == fixed + 5 * G
-    assert len(text.splitlines()) == 2 + len(rows)
+    assert len(text.splitlines()) == 3 + len(rows)  # head, rule, rows, legend
+
+    # A partial run (IdentityNet's 512 px phase and its optimizer chunks missing) still gives its rows, marked.
+    del data["cn_act"]["512/0/everything"]
+    del data["optim"]["identitynet/0"], data["optim"]["identitynet/1"]
+    data["weights"]["all"]["identitynet_bf16"]["params"] = 10 * G // 10  # 10x the adapter
+    rows, text = bm.table(data)
+    e = rows[2]
+    assert e["factor"] is None and set(e["activations"]) == {256} and set(e["total"]) == {256}
+    assert e["identitynet_states_scaled"] and e["optimizer_states"] == 8 * G // 10 * 11
+    assert "n/m" in text.splitlines()[4] and "*" in text.splitlines()[4]

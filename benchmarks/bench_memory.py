@@ -220,7 +220,8 @@ def phase_cn_act(args) -> dict:
                 controlnet_cond=kps,
                 return_dict=False,
             )
-            outs = [*down, mid]
+            # IdentityNet frozen: its first residuals come before any cross-attention and need no gradient.
+            outs = [o for o in (*down, mid) if o.requires_grad]
             torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
             del outs, down, mid, tokens
         runs.append(dict(peak=m.peak, seconds=time.perf_counter() - t0))

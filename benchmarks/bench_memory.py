@@ -361,14 +361,21 @@ def plan(resolutions) -> list[tuple[str, str, dict]]:
             steps.append(("optim", f"{what}/{i}", dict(phase="optim", what=what, chunk=i)))
 
     def acts(ckpt):
+        # Adapter-only rows first (UNet + frozen IdentityNet at both resolutions), then IdentityNet trained.
         for res in resolutions:
-            if ckpt == 0:
-                steps.append(("vae_act", str(res), dict(phase="vae_act", res=res)))
             steps.append(("unet_act", f"{res}/{ckpt}", dict(phase="unet_act", res=res, ckpt=ckpt)))
-            for train in ("adapter", "everything"):
-                steps.append(
-                    ("cn_act", f"{res}/{ckpt}/{train}", dict(phase="cn_act", res=res, ckpt=ckpt, train=train))
-                )
+            train = "adapter"
+            steps.append(
+                ("cn_act", f"{res}/{ckpt}/{train}", dict(phase="cn_act", res=res, ckpt=ckpt, train=train))
+            )
+        for res in resolutions:
+            train = "everything"
+            steps.append(
+                ("cn_act", f"{res}/{ckpt}/{train}", dict(phase="cn_act", res=res, ckpt=ckpt, train=train))
+            )
+        if ckpt == 0:
+            for res in resolutions:
+                steps.append(("vae_act", str(res), dict(phase="vae_act", res=res)))
 
     optim("adapter")
     acts(0)

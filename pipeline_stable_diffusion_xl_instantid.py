@@ -301,7 +301,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
             emb = torch.cat([torch.zeros_like(emb), emb])
         with torch.no_grad():
             tokens = self.image_proj_model(emb)
-        return tokens.repeat_interleave(batch, dim=0)
+        return tokens.repeat_interleave(batch, dim=0).to(self._execution_device)
 
     # ---- generation ----------------------------------------------------------------------------
     def check_inputs(

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# GPU check: inference (1024², 30 steps, fp16, offload presets), one training step per memory configuration and
+# get_face_info throughput, real-size SDXL with random weights (nothing downloaded), one table. ~10 min on one GPU.
+#
+#   bash benchmarks/gpu_check.sh                         # CUDA machine, after the README's two set-up commands
+#   bash benchmarks/gpu_check.sh --json gpu_check.json   # also the rows as JSON
+#   bash benchmarks/gpu_check.sh --reduced               # tiny models, tiny sizes (CPU; what the test suite runs)
+#   CUDA_VISIBLE_DEVICES=1 bash benchmarks/gpu_check.sh  # another GPU
+#
+# Output format: docs/training.md, "GPU check".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# fewer allocator retries on large real-size blocks; harmless on CPU
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+exec "${PYTHON:-python}" benchmarks/gpu_check.py "$@"

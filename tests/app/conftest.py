@@ -1,0 +1,74 @@
+"""Fixtures for the app tests: face photos the tiny detector finds, and a tiny training-run folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from faceid.tiny.antelope import draw_face
+
+BACKGROUND = (30, 40, 50)
+
+
+def face_photo(path: Path, size=(256, 224), box=(70, 50, 190, 170), pattern: int = 1, faces=None) -> Path:
+    """A PNG with one bright tiny-model "face" per box (``faces``: several boxes)."""
+    w, h = size
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = BACKGROUND
+    for k, b in enumerate(faces or [box]):
+        draw_face(img, b, pattern=pattern + k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    """Good and bad uploads, made once."""
+    d = tmp_path_factory.mktemp("uploads")
+    out = {
+        "a": face_photo(d / "a.png", pattern=1),
+        "b": face_photo(d / "b.png", size=(240, 240), box=(40, 60, 170, 190), pattern=5),
+        "pose": face_photo(d / "pose.png", size=(320, 192), box=(180, 30, 300, 150), pattern=9),
+    }
+    blank = Image.new("RGB", (200, 160), BACKGROUND)
+    blank.save(d / "blank.png")
+    out["no_face"] = d / "blank.png"
+    (d / "notes.png").write_text("this is not an image\n")
+    out["not_image"] = d / "notes.png"
+    # 7000 x 6000 = 42 MP: over the app's 40 MP limit, yet a small file (one colour compresses well).
+    Image.new("RGB", (7000, 6000), BACKGROUND).save(d / "huge.png")
+    out["huge"] = d / "huge.png"
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_paths, tmp_path_factory) -> Path:
+    """A training run's output folder: checkpoint-1, checkpoint-2 (complete), a partial checkpoint-3 and the
+    final export, each with its own IdentityNet and adapter (tiny builders, other seeds)."""
+    from diffusers import UNet2DConditionModel
+
+    from faceid.tiny.models import build_tiny_adapter, build_tiny_identitynet
+
+    run = tmp_path_factory.mktemp("run")
+    unet = UNet2DConditionModel.from_pretrained(tiny_paths["base_model"] / "unet")
+    for name, seed, complete in (
+        ("checkpoint-1", 101, True),
+        ("checkpoint-2", 202, True),
+        (".checkpoint-3.partial", 303, False),
+        ("", 404, False),
+    ):
+        folder = run / name if name else run
+        build_tiny_identitynet(unet, folder / "ControlNetModel", seed=seed)
+        build_tiny_adapter(unet, folder / "ip-adapter.bin", seed=seed + 1)
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(name.split("-")[1])}))
+    # A checkpoint folder without its state file is being written: never offered.
+    shutil.copytree(run / "checkpoint-2", run / "checkpoint-9")
+    (run / "checkpoint-9" / "trainer_state.json").unlink()
+    return run

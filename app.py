@@ -477,12 +477,11 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
                 chosen = [by_label[x] for x in weights or []]
                 _, settings = studio.compare(cond, options, chosen, progress=_bar(progress))
             except Exception as exc:
-                return _failed(exc, gr.Gallery(value=[]))
+                return _failed(exc, [])
             shown = [
                 (str(Path(settings["output_dir"]) / r["file"]), r["weights"]) for r in settings["images"]
             ]
-            gal = gr.Gallery(value=shown, columns=max(1, min(4, len(shown))))
-            return gal, cond.kps_image, settings, _status(_notes_text(settings), True)
+            return shown, cond.kps_image, settings, _status(_notes_text(settings), True)
 
         def rescan():
             labels = [w.label for w in studio.weights_choices()]
@@ -525,6 +524,10 @@ def main(args):
     studio = Studio(args)
     t0 = time.time()
     studio.cache.get(studio.base)  # load before serving: a broken path fails here, not on the first click
+    try:
+        studio.analyzer()  # insightface is slow to import: not on the first click
+    except FaceInputError as exc:
+        print(f"warning: {exc}; only face-info files can be used", flush=True)
     print(f"loaded {args.base_model} on {studio.device} in {time.time() - t0:.1f}s", flush=True)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     demo = build_ui(studio, examples)

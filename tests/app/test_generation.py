@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HUGE_LIMIT
 from PIL import Image
 
 import app
@@ -100,20 +101,26 @@ def test_face_info_file_alone_and_with_photos(analyzer, photos, tmp_path):
     [
         ("no_face", r"blank\.png: no face found"),
         ("not_image", r"notes\.png: not an image"),
-        ("huge", r"huge\.png: 7000x6000 is over the 40000000-pixel limit"),
+        ("huge", r"huge\.png: 2600x1600 is over the 4000000-pixel limit"),
     ],
 )
 def test_bad_uploads_are_refused_with_the_files_name(analyzer, photos, key, message):
     with pytest.raises(FaceInputError, match=message):
-        face_condition([photos[key]], analyzer=analyzer, max_pixels=app.MAX_PIXELS)
+        face_condition([photos[key]], analyzer=analyzer, max_pixels=HUGE_LIMIT)
     with pytest.raises(FaceInputError, match="pose photo " + message.replace("no face found", "no face")):
-        face_condition([photos["a"]], pose=photos[key], analyzer=analyzer, max_pixels=app.MAX_PIXELS)
+        face_condition([photos["a"]], pose=photos[key], analyzer=analyzer, max_pixels=HUGE_LIMIT)
 
 
 def test_a_photo_without_face_among_several_is_skipped_with_a_note(analyzer, photos, tmp_path, evil_pickle):
     cond = face_condition([photos["no_face"], photos["a"]], analyzer=analyzer)
     assert cond.sources == ["a.png"] and cond.embeddings.shape == (1, 512)
     assert any("blank.png: no face found" in n for n in cond.notes)
+    two = face_condition([photos["two"]], analyzer=analyzer, min_side=200, max_side=320)
+    assert two.notes == ["two.png: 2 faces, the largest one is used"]
+    assert two.size == (320, 192)
+    np.testing.assert_allclose(
+        two.bbox, [150, 30 * 0.96, 290, 170 * 0.96], atol=1
+    )  # the larger face, y * 192/200
     with pytest.raises(FaceInputError, match="at least one photo"):
         face_condition([], None, analyzer=analyzer)
     marker = evil_pickle(tmp_path / "evil.pkl", "embedding", kps=np.zeros((5, 2)))

@@ -375,10 +375,16 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
         with gr.Row():
             with gr.Column(scale=1):
                 face_files = gr.File(
-                    label="Photos of the person (one or several)", file_count="multiple", elem_id="face-files"
+                    label="Photos of the person (one or several)",
+                    file_count="multiple",
+                    height=150,
+                    elem_id="face-files",
                 )
-                face_info = gr.File(label="…or a face-info file (.pkl / .npz)", elem_id="face-info")
-                pose = gr.File(label="Pose photo (optional: keypoints and size)", elem_id="pose")
+                with gr.Row():
+                    face_info = gr.File(
+                        label="…or a face-info file (.pkl / .npz)", height=130, elem_id="face-info"
+                    )
+                    pose = gr.File(label="Pose photo (optional)", height=130, elem_id="pose")
                 prompt = gr.Textbox(label="Prompt", value=PROMPT, lines=2, elem_id="prompt")
                 style = gr.Dropdown(list(STYLES), value=NO_STYLE, label="Style")
                 negative = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT, lines=2)
@@ -408,6 +414,8 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
                         gallery = gr.Gallery(
                             label="Results",
                             columns=2,
+                            height=360,
+                            object_fit="contain",
                             format="png",
                             buttons=["download", "fullscreen"],
                             elem_id="gallery",
@@ -426,6 +434,8 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
                         cmp_gallery = gr.Gallery(
                             label="Side by side",
                             columns=max(1, min(4, len(choices))),
+                            height=360,
+                            object_fit="contain",
                             format="png",
                             buttons=["download", "fullscreen"],
                             elem_id="compare-gallery",

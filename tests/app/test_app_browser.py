@@ -152,47 +152,58 @@ def test_checkpoint_comparison_through_gradio_client(client, photos):
     assert "checkpoint-1" in str(choices) and "checkpoint-9" not in str(choices)
 
 
+def _wait_uploaded(browser, name: str) -> None:
+    # The file's download link appears once the upload is on the server (clicking earlier would race it).
+    browser.wait_for(f"!!document.querySelector('#face-files a[href$=\"/{name}\"]')", 60, f"{name} uploaded")
+
+
 def test_page_in_headless_chromium(server, photos, tmp_path):
     browser = Chromium(tmp_path / "profile", width=1280, height=1000)
     try:
         browser.goto(server["url"])
-        browser.wait_for("!!document.querySelector('#generate-btn')", 40, "the form")
+        browser.wait_for("!!document.querySelector('#generate-btn')", 60, "the form")
         text = browser.eval("document.body.innerText")
-        for label in (
+        labels = (
             "Photos of the person",
+            "face-info file",
             "Pose photo",
             "Prompt",
+            "Negative prompt",
             "Style",
-            "Steps",
-            "IdentityNet strength",
+        )
+        labels += ("Steps", "Guidance", "IdentityNet strength", "Adapter strength", "Seed", "Scheduler")
+        for label in labels + (
+            "Fast mode (LCM)",
+            "Enhance non-face region",
+            "Generate",
+            "Compare checkpoints",
         ):
             assert label in text, label
-        assert "Compare checkpoints" in text and "Fast mode (LCM)" in text
 
         # A photo without a face: a message in the page, no picture.
         browser.set_files("#face-files input[type=file]", [photos["no_face"]])
-        browser.wait_for(
-            "document.querySelector('#face-files').innerText.includes('blank.png')", 20, "the upload"
-        )
+        _wait_uploaded(browser, "blank.png")
         browser.eval("document.querySelector('#generate-btn').click()")
         browser.wait_for(
-            "document.querySelector('#status').innerText.includes('no face found')", 30, "the no-face message"
+            "document.querySelector('#status').innerText.includes('no face found')", 60, "the no-face message"
+        )
+        assert "Cannot generate: blank.png: no face found" in browser.eval(
+            "document.querySelector('#status').innerText"
         )
         assert browser.eval("document.querySelectorAll('#gallery img').length") == 0
 
-        # A real one: a picture appears.
+        # Add a real one (a multiple-file input adds to the list): a picture appears, the skipped photo is named.
         browser.set_files("#face-files input[type=file]", [photos["a"]])
-        browser.wait_for(
-            "document.querySelector('#face-files').innerText.includes('a.png')", 20, "the upload"
-        )
+        _wait_uploaded(browser, "a.png")
         browser.eval("document.querySelector('#generate-btn').click()")
         browser.wait_for(
             "(() => { const i = document.querySelector('#gallery img');"
             " return !!i && i.complete && i.naturalWidth === 128 && i.naturalHeight === 64; })()",
-            40,
+            60,
             "a generated image",
         )
-        assert "Done." in browser.eval("document.querySelector('#status').innerText")
+        status = browser.eval("document.querySelector('#status').innerText")
+        assert "Done. 1 image(s), 128x64" in status and "skipped blank.png: no face found" in status, status
         shot = browser.screenshot(tmp_path / "app.png")
     finally:
         browser.close()

@@ -16,8 +16,11 @@ Comparison: the same face, prompt and seed with the base weights and any ``check
 of ``--run_dir``, side by side. The base SDXL is loaded once; a switch replaces only IdentityNet and the adapter
 (:class:`faceid.generation.cache.PipelineCache`).
 
-New pipeline options: add a control in :func:`build_ui` (its value lands in the ``options`` dict under its name)
-and map it to pipeline arguments in :func:`call_kwargs`; :meth:`Studio.generate` is the one generate function.
+New pipeline options (inpainting into a target photo, several people, LoRA, ...): give the option a name and a
+default in ``DEFAULT_OPTIONS``, add its control to :func:`build_ui` (``option_inputs`` and the same-named parameter
+of ``run``/``compare``, which is also its gradio_client name) and map it to pipeline arguments in
+:func:`call_kwargs`. :meth:`Studio.generate` / :meth:`Studio.compare` take that ``options`` dict; nothing else
+changes.
 """
 
 from __future__ import annotations

@@ -223,3 +223,39 @@ def test_face_region_mask_and_fast_mode_change_the_call(studio, photos):
     assert type(studio.cache.pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # the tiny model's own
     with pytest.raises(FaceInputError, match="steps must be between"):
         studio.generate(cond, _opts(steps=0))
+
+
+class LoraRecorder:
+    """Records the LoRA calls fast mode makes (the LoRA itself needs peft, which this suite does not install)."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.calls, self.fail = [], fail
+
+    def load_lora_weights(self, path, adapter_name):
+        self.calls.append(("load", path, adapter_name))
+        if self.fail:
+            raise self.fail
+
+    def enable_lora(self):
+        self.calls.append("on")
+
+    def disable_lora(self):
+        self.calls.append("off")
+
+
+def test_fast_mode_loads_the_lcm_lora_once_then_switches_it_on_and_off(tmp_path):
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"0")
+    studio = app.Studio(app.parse_args(["--lcm_lora", str(lora)]))  # loads nothing until used
+    pipe = LoraRecorder()
+    assert [studio._set_fast(pipe, f) for f in (False, True, False, True)] == [None] * 4
+    assert pipe.calls == [("load", str(lora), "lcm"), "on", "off", "on"] and studio.lcm is True
+
+    broken = app.Studio(app.parse_args(["--lcm_lora", str(lora)]))
+    pipe = LoraRecorder(fail=ValueError("PEFT backend is required for this method."))
+    note = broken._set_fast(pipe, True)
+    assert note == f"LCM-LoRA {lora} not loaded (ValueError: PEFT backend is required for this method.)"
+    assert broken._set_fast(pipe, True) == note and broken._set_fast(pipe, False) is None
+    assert pipe.calls == [("load", str(lora), "lcm")]  # tried once, never switched
+    missing = app.Studio(app.parse_args(["--lcm_lora", str(tmp_path / "none.safetensors")]))
+    assert missing._set_fast(LoraRecorder(), True).startswith("no LCM-LoRA at ")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HUGE_LIMIT
+from app_inputs import HUGE_LIMIT
 from headless_chromium import Chromium, stop_process_group
 from PIL import Image
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HUGE_LIMIT
+from app_inputs import HUGE_LIMIT
 from PIL import Image
 
 import app

@@ -1,0 +1,162 @@
+"""Face conditioning from uploaded files: one or several photos of a person and/or a face-info file give the
+identity (one embedding each; the pipeline averages them), an optional pose photo gives the keypoints and the
+output size (its largest face), and every problem becomes a :class:`FaceInputError` whose message names the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from faceid.face.face_info import FaceInfoError, load_face_info
+from faceid.face.images import MAX_PIXELS, ImageLoadError, load_image
+from faceid.face.kps import draw_kps, fit_size, scale_kps
+
+
+class FaceInputError(ValueError):
+    """An upload cannot be used; the message is meant for the person who uploaded it."""
+
+
+@dataclass
+class FaceCondition:
+    """Everything the pipeline needs about the face, in the output frame."""
+
+    embeddings: np.ndarray  # [N, 512]: one per reference; the pipeline averages them
+    kps: np.ndarray  # [5, 2] in the output frame
+    size: tuple[int, int]  # output (W, H)
+    bbox: np.ndarray | None  # [4] x1, y1, x2, y2 in the output frame (None: a face-info file without one)
+    sources: list[str] = field(default_factory=list)  # the references used, in order
+    pose_source: str = ""
+    notes: list[str] = field(default_factory=list)  # what the user should know (skipped photos, ...)
+
+    @property
+    def kps_image(self) -> Image.Image:
+        return draw_kps(self.size, self.kps)
+
+    def face_mask(self) -> Image.Image | None:
+        """White inside the face box, black elsewhere (the official demo's "enhance non-face region": IdentityNet
+        and the face tokens act only on the face, the prompt has the rest)."""
+        if self.bbox is None:
+            return None
+        w, h = self.size
+        x1, y1, x2, y2 = np.clip(np.round(self.bbox), 0, [w, h, w, h]).astype(int)
+        mask = np.zeros((h, w), np.uint8)
+        mask[y1:y2, x1:x2] = 255
+        return Image.fromarray(mask, "L")
+
+
+def display_name(path) -> str:
+    return os.path.basename(os.fspath(path)) if path else "upload"
+
+
+def read_upload_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An uploaded file as RGB, or :class:`FaceInputError` ("x.png: not an image...", "...over the limit")."""
+    name = display_name(path)
+    try:
+        with open(os.fspath(path), "rb") as fh:
+            data = fh.read()
+        return load_image(data, max_pixels=max_pixels, name=name)
+    except ImageLoadError as exc:
+        raise FaceInputError(str(exc)) from exc
+    except OSError as exc:
+        raise FaceInputError(f"{name}: cannot read the upload ({exc.strerror or exc})") from exc
+
+
+def _largest_face(analyzer, image: Image.Image, name: str):
+    face = analyzer.analyze_full(image)
+    if not face:
+        reason = getattr(face, "reason", "no face detected")
+        raise FaceInputError(
+            f"{name}: no face found ({reason}); use a photo where the face is clearly visible"
+        )
+    return face
+
+
+def _files(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [value]
+    return [v for v in value if v]
+
+
+def face_condition(
+    face_files=None,
+    face_info=None,
+    pose=None,
+    *,
+    analyzer,
+    min_side: int = 1024,
+    max_side: int = 1280,
+    max_pixels: int = MAX_PIXELS,
+) -> FaceCondition:
+    """Build the :class:`FaceCondition` from upload paths.
+
+    ``analyzer`` is an object with ``analyze_full(image)`` (:class:`faceid.face.analysis.FaceAnalyzer`), or a
+    function returning one (called only when a photo has to be analysed). A photo without a face among several is
+    skipped with a note; without any usable reference, or with a pose photo without a face, nothing is generated.
+    """
+    photos, notes = _files(face_files), []
+    if not photos and not face_info:
+        raise FaceInputError("upload at least one photo of the person (or a face-info file)")
+    get = analyzer if callable(analyzer) and not hasattr(analyzer, "analyze_full") else (lambda: analyzer)
+
+    embeddings, sources, geometry = [], [], None  # geometry: (kps, bbox, frame, source)
+    problems = []
+    for path in photos:
+        name = display_name(path)
+        try:
+            image = read_upload_image(path, max_pixels)
+            face = _largest_face(get(), image, name)
+        except FaceInputError as exc:
+            problems.append(str(exc))
+            continue
+        embeddings.append(np.asarray(face.embedding, np.float32).reshape(-1))
+        sources.append(name)
+        if face.num_faces > 1:
+            notes.append(f"{name}: {face.num_faces} faces, the largest one is used")
+        if geometry is None:
+            geometry = (face.kps, face.bbox, tuple(face.frame), name)
+    if face_info:
+        name = display_name(face_info)
+        try:
+            info = load_face_info(face_info)
+        except FaceInfoError as exc:
+            raise FaceInputError(str(exc).replace(os.fspath(face_info), name)) from exc
+        embeddings.append(info["embedding"])
+        sources.append(name)
+        if geometry is None:
+            if "frame" not in info:
+                raise FaceInputError(
+                    f"{name}: no 'frame' (image size) recorded; upload the photo too, or a pose photo"
+                )
+            geometry = (info["kps"], info.get("bbox"), info["frame"], name)
+    if not embeddings:
+        raise FaceInputError("; ".join(problems))
+    notes = [f"skipped {p}" for p in problems] + notes
+
+    if pose:
+        name = display_name(pose)
+        try:
+            image = read_upload_image(pose, max_pixels)
+        except FaceInputError as exc:
+            raise FaceInputError(f"pose photo {exc}") from exc
+        face = _largest_face(get(), image, f"pose photo {name}")
+        geometry = (face.kps, face.bbox, tuple(face.frame), name)
+    kps, bbox, frame, pose_source = geometry
+    size = fit_size(*frame, min_side=min_side, max_side=max_side)
+    bbox_out = None
+    if bbox is not None:
+        bbox_out = scale_kps(np.asarray(bbox, np.float64).reshape(2, 2), frame, size).reshape(4)
+    return FaceCondition(
+        embeddings=np.stack(embeddings).astype(np.float32),
+        kps=scale_kps(kps, frame, size),
+        size=size,
+        bbox=bbox_out,
+        sources=sources,
+        pose_source=pose_source,
+        notes=notes,
+    )

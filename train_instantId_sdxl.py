@@ -462,7 +462,7 @@ def main(args):
     parts = training.load_components(args, weight_dtype, accelerator.device)
     model = parts["model"]
     if args.id_loss_weight > 0:
-        # Frozen recognizer (onnx2torch); only the face region is decoded, see faceid/train/identity.py.
+        # Frozen recognizer (the ONNX run by torch); only the face region is decoded, see faceid/train/identity.py.
         from faceid.train.identity import IdentityLoss
 
         parts["id_loss"] = IdentityLoss(

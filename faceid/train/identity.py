@@ -11,7 +11,7 @@ For each sample whose timestep is below ``--id_loss_max_timestep`` (and whose fa
    similarity of the 5 keypoints onto ``arcface_dst``, as skimage's ``SimilarityTransform.estimate``), warped with
    ``affine_grid``/``grid_sample`` (bilinear, zero border: cv2.warpAffine's defaults), so it is differentiable;
 4. embedded by the recognizer ONNX (antelopev2's ``glintr100.onnx`` or any ``[N,3,112,112] → [N,D]`` model)
-   converted to a frozen torch module with ``onnx2torch``, with insightface's input normalisation for that model;
+   run as a frozen torch module (:class:`faceid.face.onnx_module.OnnxModule`), with insightface's input normalisation for that model;
 5. loss = 1 − cosine(embedding, reference embedding) — the reference is the sample's conditioning embedding (with
    ``--cross_id`` another image of the same person).
 
@@ -114,11 +114,12 @@ class Recognizer(torch.nn.Module):
     def __init__(self, onnx_path: str):
         super().__init__()
         import onnx
-        from onnx2torch import convert
+
+        from faceid.face.onnx_module import OnnxModule
 
         proto = onnx.load(str(onnx_path))
         self.mean, self.std = _input_norm(proto)
-        self.net = convert(proto)
+        self.net = OnnxModule(proto)
         self.net.eval()
         self.requires_grad_(False)
 

@@ -1,4 +1,4 @@
-"""--id_loss_weight: the differentiable alignment equals insightface's norm_crop, the onnx2torch recognizer equals
+"""--id_loss_weight: the differentiable alignment equals insightface's norm_crop, the torch-run recognizer equals
 onnxruntime, zero weight changes nothing (bit-identical run), and the identity gradient reaches the trained modules
 and none of the frozen ones."""
 

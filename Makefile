@@ -21,7 +21,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, so nothing later pulls a multi-GB CUDA build by accident; no torchvision.
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -r requirements-dev.txt
+	# ... and held there: a requirement asking for another torch fails here instead of swapping it silently.
+	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -r requirements-dev.txt --constraint $(VENV)/torch-constraint.txt
 	touch $(STAMP)
 
 test: install

@@ -15,6 +15,7 @@ exact: docs/training.md and faceid/train/disk_cache.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import time
@@ -148,27 +149,35 @@ def main(args) -> int:
             seq += 1
         tensors, keys = {}, []
 
+    def _encode(w, key):
+        if w[0] == "lat":
+            view = items[w[1]][2]
+            for f in flips:
+                pixels = pixels_to_float(view(f)[None].to(device))
+                tensors[f"{key}/{int(f)}"] = encode_latent_params(enc["vae"], pixels)[0].cpu().contiguous()
+        else:
+            ids = [tokenize(t, w[1]) for t in (enc["tokenizer"], enc["tokenizer_2"])]
+            embeds, pooled = encode_text([enc["text_encoder"], enc["text_encoder_2"]], ids)
+            tensors[f"{key}/embeds"] = embeds[0].cpu().contiguous()
+            tensors[f"{key}/pooled"] = pooled[0].cpu().contiguous()
+
     print(f"[precompute] rank {rank}/{world}: {len(todo)} of {len(mine)} work items to do "
           f"({len(mine) - len(todo)} already done) on {device}", flush=True)  # fmt: skip
     old_term = signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.monotonic()
+    # Training encodes under accelerate's autocast: the cache must be encoded the same way.
+    autocast = (
+        torch.autocast(torch.device(device).type, dtype=weight_dtype)
+        if weight_dtype != torch.float32
+        else contextlib.nullcontext()
+    )
     try:
         for w in tqdm(
             todo, desc=f"rank {rank}/{world}", unit="item", disable=args.no_progress, mininterval=1.0
         ):
             key = key_of(w)
-            if w[0] == "lat":
-                view = items[w[1]][2]
-                for f in flips:
-                    pixels = pixels_to_float(view(f)[None].to(device))
-                    tensors[f"{key}/{int(f)}"] = (
-                        encode_latent_params(enc["vae"], pixels)[0].cpu().contiguous()
-                    )
-            else:
-                ids = [tokenize(t, w[1]) for t in (enc["tokenizer"], enc["tokenizer_2"])]
-                embeds, pooled = encode_text([enc["text_encoder"], enc["text_encoder_2"]], ids)
-                tensors[f"{key}/embeds"] = embeds[0].cpu().contiguous()
-                tensors[f"{key}/pooled"] = pooled[0].cpu().contiguous()
+            with autocast:
+                _encode(w, key)
             keys.append({"key": key})
             if len(keys) >= args.shard_size:
                 commit()

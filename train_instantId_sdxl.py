@@ -168,6 +168,11 @@ def parse_args(argv=None):
     g.add_argument("--validation_guidance_scale", type=float, default=5.0)
     g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
     g.add_argument("--logging_dir", default="logs")
+    g.add_argument(
+        "--log_phase_times",
+        action="store_true",
+        help="log the seconds of each step spent in VAE, text encoders, forward/backward, optimizer",
+    )
     g.add_argument("--tracker_project_name", default="instantid")
     g.add_argument(
         "--log_samples",
@@ -545,6 +550,7 @@ def main(args):
             n_micro = min(accum, batches_per_epoch - u * accum)
             t_step, data_time, bad, losses, step_samples = time.perf_counter(), 0.0, False, [], []
             id_sum, id_count = 0.0, 0
+            phase = dict.fromkeys(("vae_time", "text_time", "fwd_bwd_time", "optimizer_time"), 0.0)
             for m in range(n_micro):
                 t0 = time.perf_counter()
                 batch = next(loader)
@@ -552,7 +558,8 @@ def main(args):
                 # Noise and timesteps depend on (seed, micro-step, rank) only: a resumed run draws the same.
                 micro = (epoch * batches_per_epoch) + u * accum + m
                 gen = training.micro_generator(args.seed, micro, rank, accelerator.device)
-                stats = {}
+                stats = {"timing": args.log_phase_times}
+                t0 = training.phase_clock(accelerator.device, stats)
                 with accelerator.autocast():
                     loss = training.compute_loss(batch, parts, args, gen, weight_dtype, cache, stats=stats)
                 if "id_loss" in stats:
@@ -570,6 +577,13 @@ def main(args):
                 sync = m == n_micro - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     accelerator.backward(loss / n_micro)
+                if t0 is not None:
+                    for k in ("vae_time", "text_time"):
+                        phase[k] += stats.get(k, 0.0)
+                    t1 = training.phase_clock(accelerator.device, stats)
+                    phase["fwd_bwd_time"] += (
+                        t1 - t0 - stats.get("vae_time", 0.0) - stats.get("text_time", 0.0)
+                    )
                 step_samples.append({"index": list(batch["index"]), "ref_index": list(batch["ref_index"])})
             grad_norm = None
             if bad:
@@ -586,6 +600,7 @@ def main(args):
                     )
             else:
                 nonfinite_in_a_row = 0
+                t0 = training.phase_clock(accelerator.device, {"timing": args.log_phase_times})
                 if args.max_grad_norm and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
@@ -593,6 +608,8 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(unwrapped)
+                if t0 is not None:
+                    phase["optimizer_time"] = training.phase_clock(accelerator.device, {"timing": True}) - t0
             global_step += 1
             bar.update(1)
             logs_out.samples(global_step, None if bad else losses, step_samples)
@@ -604,12 +621,12 @@ def main(args):
                         "samples_per_sec": n_micro * args.train_batch_size * world / max(step_time, 1e-9)}  # fmt: skip
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
-                if (
-                    args.id_loss_weight > 0
-                ):  # logged apart: mean over the samples it applied to, all processes
-                    s, c = accelerator.gather(
-                        torch.tensor([[id_sum, id_count]], device=accelerator.device)
-                    ).sum(0)
+                if args.log_phase_times:
+                    logs.update(phase)
+                if args.id_loss_weight > 0:
+                    # Logged apart: the mean over the samples it applied to, on all processes.
+                    pair = torch.tensor([[id_sum, id_count]], device=accelerator.device)
+                    s, c = accelerator.gather(pair).sum(0)
                     if c > 0:
                         logs["id_loss"] = float(s / c)
                 logs_out.scalars(global_step, logs)

@@ -36,6 +36,13 @@ MIXED_PRECISION=${MIXED_PRECISION:-"fp16"}   # fp16 | bf16 | no
 WORKERS=${WORKERS:-8}
 RESUME=${RESUME:-"latest"}                   # latest | path | "" (start fresh)
 
+# ---- scale and quality (docs/training.md) ----------------------------------------------------------------
+CACHE_DIR=${CACHE_DIR:-""}                   # folder from precompute_cache.py: latents/text read, not computed
+USE_EMA=${USE_EMA:-0}                        # 1: EMA of the trained weights, exported as the final weights
+EMA_DECAY=${EMA_DECAY:-0.9999}
+ID_LOSS_WEIGHT=${ID_LOSS_WEIGHT:-0}          # > 0: identity loss (needs models/antelopev2/glintr100.onnx)
+ID_LOSS_MAX_TIMESTEP=${ID_LOSS_MAX_TIMESTEP:-400}
+
 # ---- launch ----------------------------------------------------------------------------------------------
 NUM_GPUS=${NUM_GPUS:-1}                      # per node
 NUM_NODES=${NUM_NODES:-1}
@@ -72,6 +79,9 @@ else
 fi
 [ "$CROSS_ID" = "1" ] && args+=(--cross_id --cross_id_prob "$CROSS_ID_PROB")
 [ -n "$RESUME" ] && args+=(--resume_from_checkpoint "$RESUME")
+[ -n "$CACHE_DIR" ] && args+=(--precomputed_cache "$CACHE_DIR")
+[ "$USE_EMA" = "1" ] && args+=(--use_ema --ema_decay "$EMA_DECAY")
+[ "$ID_LOSS_WEIGHT" != "0" ] && args+=(--id_loss_weight "$ID_LOSS_WEIGHT" --id_loss_max_timestep "$ID_LOSS_MAX_TIMESTEP")
 
 TOTAL=$((NUM_GPUS * NUM_NODES))
 launch=(accelerate launch --mixed_precision "$MIXED_PRECISION")

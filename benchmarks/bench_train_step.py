@@ -1,10 +1,12 @@
-"""Training step time on the tiny models (CPU): data time, step time and samples/s from ``train_log.jsonl``.
+"""Training step time on the tiny models (CPU), side by side: no cache vs the disk cache (precompute_cache.py) vs
+the in-memory cache vs gradient checkpointing, and where a step goes (data, VAE, text encoders, forward/backward,
+optimizer), from ``train_log.jsonl`` with ``--log_phase_times``.
 
     python benchmarks/bench_train_step.py [--steps 20] [--resolution 64] [--batch_size 2] [--tiny DIR]
 
 Runs ``train_instantId_sdxl.py`` in-process on a synthetic index (a few people, two images each) with
-``--cross_id`` and reports medians over the steps after the first (the first includes warm-up). Variants:
-plain, with gradient checkpointing, and with latent + text-embedding caching.
+``--cross_id`` and reports medians over the steps after the first (the first includes warm-up); the disk cache's
+one-off precompute is timed apart. A bare MFaceTech-style loop is the reference for compute.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def main(argv=None):
 
     from conftest_train import make_index_dataset, tiny_args
 
+    import precompute_cache
     import train_instantId_sdxl as train
     from faceid.tiny.models import build_tiny
 
@@ -112,29 +115,53 @@ def main(argv=None):
         tiny = Path(args.tiny) if args.tiny else tmp / "tiny"
         build_tiny(tiny, faces=False)
         index = make_index_dataset(tmp / "data", n_people=4, per_person=2, singles=0)
+        cache = tmp / "cache"
+        t0 = time.perf_counter()
+        precompute_cache.main(precompute_cache.parse_args([
+            "--pretrained_model_name_or_path", str(tiny / "stable-diffusion-xl-base-1.0"), "--data_json_file",
+            str(index), "--resolution", str(args.resolution), "--output", str(cache), "--no_progress"]))  # fmt: skip
+        pre_s = time.perf_counter() - t0
         variants = {
-            "plain": [],
+            "no cache": [],
+            "disk cache": ["--precomputed_cache", str(cache)],
+            "memory cache": ["--cache_latents", "--cache_text_embeddings"],
             "gradient checkpointing": ["--gradient_checkpointing"],
-            "cached latents + text": ["--cache_latents", "--cache_text_embeddings"],
         }
-        print(f"tiny SDXL + IdentityNet + adapter, {args.resolution}px, batch {args.batch_size}, CPU")
+        print(f"tiny SDXL + IdentityNet + adapter, {args.resolution}px, batch {args.batch_size}, CPU; medians of "
+              f"{args.steps - 1} steps, ms (share of the step)")  # fmt: skip
         base_ms = [mfacetech_style_step_ms(tiny, args.resolution, args.batch_size, args.steps)]
+        cols = ("step", "data", "VAE", "text", "fwd/bwd", "optim", "other")
+        print(f"  {'variant':24s}" + "".join(f"{c:>16s}" for c in cols) + f"{'samples/s':>11s}")
+        rows = {}
         for name, extra in variants.items():
             out = tmp / name.replace(" ", "_")
             argv = tiny_args(tiny, out, "--data_json_file", str(index), "--max_train_steps", str(args.steps),
                              "--checkpointing_steps", "0", "--cross_id", "--resolution", str(args.resolution),
-                             "--train_batch_size", str(args.batch_size), "--no-log_samples", *extra)  # fmt: skip
-            t0 = time.perf_counter()
+                             "--train_batch_size", str(args.batch_size), "--no-log_samples", "--log_phase_times",
+                             *extra)  # fmt: skip
             train.main(train.parse_args(argv))
-            wall = time.perf_counter() - t0
             log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()][1:]
-            step = statistics.median(e["step_time"] for e in log)
-            data = statistics.median(e["data_time"] for e in log)
+
+            def med(k, log=log):
+                return statistics.median(e[k] for e in log) * 1000
+
+            step = med("step_time")
+            parts = [
+                med("data_time"),
+                med("vae_time"),
+                med("text_time"),
+                med("fwd_bwd_time"),
+                med("optimizer_time"),
+            ]
+            vals = [step, *parts, max(0.0, step - sum(parts))]
             sps = statistics.median(e["samples_per_sec"] for e in log)
-            print(f"  {name:24s} step {step * 1000:7.1f} ms  data {data * 1000:6.1f} ms  "
-                  f"compute {(step - data) * 1000:6.1f} ms  {sps:6.1f} samples/s  (run incl. model load {wall:5.1f} s)")  # fmt: skip
-            if name == "plain":
-                plain_compute = (step - data) * 1000
+            rows[name] = vals
+            cells = [f"{vals[0]:8.1f}" + " " * 8] + [f"{v:7.1f} ({v / step:4.0%})" for v in vals[1:]]
+            print(f"  {name:24s}" + "".join(f"{c:>16s}" for c in cells) + f"{sps:11.1f}")
+        plain_compute = rows["no cache"][0] - rows["no cache"][1]
+        n_items = 8
+        print(f"  disk cache / no cache step time: {rows['disk cache'][0] / rows['no cache'][0]:.2f}; one-off "
+              f"precompute of {n_items} images + captions: {pre_s:.1f} s incl. model load")  # fmt: skip
         base_ms.append(mfacetech_style_step_ms(tiny, args.resolution, args.batch_size, args.steps))
         base = statistics.mean(base_ms)
         print(f"  {'MFaceTech-style loop':24s} compute {base:6.1f} ms  (bare loop, no data loading; mean of a run "

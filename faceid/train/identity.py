@@ -20,6 +20,8 @@ The VAE and the recognizer stay frozen: the gradient reaches only the trained mo
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -132,7 +134,17 @@ class Recognizer(torch.nn.Module):
 
 class IdentityLoss:
     def __init__(self, recognizer_path: str, max_timestep: int, margin: int = 2, device="cpu"):
+        from faceid.schema import EMBEDDING_DIM
+        from faceid.train.errors import TrainingInputError
+
         self.recognizer = Recognizer(recognizer_path).to(device)
+        with torch.no_grad():
+            dim = self.recognizer(torch.zeros(1, 3, ALIGN_SIZE, ALIGN_SIZE, device=device)).shape[-1]
+        if dim != EMBEDDING_DIM:  # the reference embeddings are antelopev2's (the index's)
+            raise TrainingInputError(
+                f"{recognizer_path} gives {dim}-d embeddings, the index holds {EMBEDDING_DIM}-d ones: use the "
+                "recognizer that made the index's embeddings (antelopev2's glintr100.onnx)"
+            )
         self.max_timestep = int(max_timestep)
         self.margin = int(margin)
 
@@ -160,7 +172,10 @@ class IdentityLoss:
             kps = batch["kps"][b].detach().cpu().numpy().astype(np.float64)
             y0, y1, x0_, x1 = face_latent_box(kps, x0.shape[-2:], factor, self.margin)
             z = x0[j : j + 1, :, y0:y1, x0_:x1] / vae.config.scaling_factor + shift
-            crop = vae.decode(z.to(vae.dtype)).sample.float()
+            # An fp32 VAE decodes in fp32 even under fp16 autocast (SDXL's VAE overflows in fp16).
+            fp32 = vae.dtype == torch.float32
+            with torch.autocast(z.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+                crop = vae.decode(z.to(vae.dtype)).sample.float()
             m = similarity_transform(kps - np.array([x0_ * factor, y0 * factor]))
             aligned = align_faces((crop.clamp(-1, 1) + 1) * 127.5, [m])
             emb = self.recognizer(aligned).float()

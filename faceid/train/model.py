@@ -190,10 +190,23 @@ class CondCache:
         self.text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def phase_clock(device, stats) -> float | None:
+    """``time.perf_counter()`` after the device finished its queued work, when ``stats["timing"]`` asks for phase
+    times (``--log_phase_times``: the synchronisation costs a little on GPUs), else ``None``."""
+    if stats is None or not stats.get("timing"):
+        return None
+    import time
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache | None = None, stats=None):
     """One micro-batch: encode, noise, predict, MSE (optionally min-SNR weighted), plus the identity loss when
     ``parts["id_loss"]`` is set and ``--id_loss_weight`` > 0. Returns the loss; ``stats`` (a dict) receives
-    ``mse`` and, when applied, ``id_loss`` and ``id_count`` (samples under the timestep threshold)."""
+    ``mse`` and, when applied, ``id_loss`` and ``id_count`` (samples under the timestep threshold); with
+    ``stats["timing"]`` also ``vae_time``/``text_time`` (seconds spent encoding, absent when read from a cache)."""
     from diffusers.training_utils import compute_snr
 
     from faceid.train.transforms import cond_to_float, pixels_to_float
@@ -206,7 +219,10 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
     elif cache is not None and cache.use_latents and all(i in cache.latents for i in idx):
         params = torch.stack([cache.latents[i] for i in idx]).to(device)
     else:
+        t0 = phase_clock(device, stats)
         params = encode_latent_params(vae, pixels_to_float(batch["pixel_values"].to(device)))
+        if t0 is not None:
+            stats["vae_time"] = phase_clock(device, stats) - t0
         if cache is not None and cache.use_latents:
             for i, p in zip(idx, params.cpu()):
                 cache.latents[i] = p
@@ -230,12 +246,15 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
         prompt_embeds = torch.stack([cache.text[c][0] for c in captions]).to(device)
         pooled = torch.stack([cache.text[c][1] for c in captions]).to(device)
     else:
+        t0 = phase_clock(device, stats)
         prompt_embeds, pooled = encode_text(
             [parts["text_encoder"], parts["text_encoder_2"]], [batch["input_ids"], batch["input_ids_2"]]
         )
         if cache is not None and cache.use_text:
             for c, e, p in zip(captions, prompt_embeds.cpu(), pooled.cpu()):
                 cache.text[c] = (e, p)
+        if t0 is not None:
+            stats["text_time"] = phase_clock(device, stats) - t0
     time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
     added = {"text_embeds": pooled.to(device, weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}
     pred = model(

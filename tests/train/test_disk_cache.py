@@ -62,7 +62,7 @@ def index_cache(tiny_dir, tmp_path_factory):
 def test_cached_run_equals_uncached_run_bit_for_bit(tiny_dir, index_cache, tmp_path):
     index, cache, _ = index_cache
     common = ["--data_json_file", str(index), "--max_train_steps", "3", "--aspect_ratio_buckets",
-              "--random_flip", "0.5", "--cross_id", "--checkpointing_steps", "0"]  # fmt: skip
+              "--random_flip", "0.5", "--cross_id", "--checkpointing_steps", "0", "--log_phase_times"]  # fmt: skip
     train.main(train.parse_args(tiny_args(tiny_dir, tmp_path / "live", *common)))
     res = train.main(
         train.parse_args(tiny_args(tiny_dir, tmp_path / "cached", *common, "--precomputed_cache", str(cache)))
@@ -71,6 +71,11 @@ def test_cached_run_equals_uncached_run_bit_for_bit(tiny_dir, index_cache, tmp_p
     assert losses(tmp_path / "live") == losses(tmp_path / "cached")  # same floats, not merely close
     a, b = trained(tmp_path / "live"), trained(tmp_path / "cached")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the cached run never ran the VAE encoder or the text encoders
+    live, cached = ([json.loads(x) for x in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+                    for d in ("live", "cached"))  # fmt: skip
+    assert all(e["vae_time"] > 0 and e["text_time"] > 0 and e["fwd_bwd_time"] > 0 for e in live)
+    assert all(e["vae_time"] == 0 and e["text_time"] == 0 and e["optimizer_time"] > 0 for e in cached)
     # both views of every image and every caption (plus the CFG-drop "") are in the cache
     keys = set(tensors(cache))
     assert sum(k.endswith("/1") and k.startswith("lat/") for k in keys) == 7

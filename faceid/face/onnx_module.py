@@ -35,7 +35,15 @@ def _conv(x, w, b=None, **a):
         x = F.pad(x, [p for pair in zip(reversed(begin), reversed(end)) for p in pair])
         begin = [0] * dims
     conv = F.conv2d if dims == 2 else F.conv1d
-    return conv(x, w, b, stride=a.get("strides", 1), padding=begin, dilation=a.get("dilations", 1), groups=a.get("group", 1))
+    return conv(
+        x,
+        w,
+        b,
+        stride=a.get("strides", 1),
+        padding=begin,
+        dilation=a.get("dilations", 1),
+        groups=a.get("group", 1),
+    )
 
 
 def _batchnorm(x, scale, bias, mean, var, **a):
@@ -99,7 +107,9 @@ OPS = {
     "Gemm": _gemm,
     "Flatten": _flatten,
     "Reshape": _reshape,
-    "Transpose": lambda x, **a: x.permute(*a["perm"]) if "perm" in a else x.permute(*reversed(range(x.dim()))),
+    "Transpose": lambda x, **a: (
+        x.permute(*a["perm"]) if "perm" in a else x.permute(*reversed(range(x.dim())))
+    ),
     "Concat": lambda *xs, **a: torch.cat(xs, dim=a["axis"]),
     "GlobalAveragePool": lambda x, **a: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
     "AveragePool": _pool("avg"),
@@ -120,9 +130,13 @@ class OnnxModule(nn.Module):
         if not isinstance(model, onnx.ModelProto):
             model = onnx.load(str(model))
         graph = model.graph
-        unsupported = sorted({n.op_type for n in graph.node if n.op_type not in OPS and n.op_type != "Constant"})
+        unsupported = sorted(
+            {n.op_type for n in graph.node if n.op_type not in OPS and n.op_type != "Constant"}
+        )
         if unsupported:
-            raise ValueError(f"ONNX operators not supported by the torch recognizer: {', '.join(unsupported)}")
+            raise ValueError(
+                f"ONNX operators not supported by the torch recognizer: {', '.join(unsupported)}"
+            )
         self._names: dict[str, str] = {}
         for k, init in enumerate(graph.initializer):
             self._add_const(f"w{k}", init.name, numpy_helper.to_array(init))

@@ -1,8 +1,8 @@
 """The papers' claims in the miniature world, measured with the repository's trainer (CPU, a few minutes each).
 
-    python benchmarks/bench_identity.py identity    [--steps 120] [--seeds 0 1 2]
-    python benchmarks/bench_identity.py crossfaceid [--steps 120]
-    python benchmarks/bench_identity.py faceid6m    [--steps 120]
+    python benchmarks/bench_identity.py identity    [--steps 100] [--lr 1e-2] [--seeds 0 1 2]
+    python benchmarks/bench_identity.py crossfaceid [--steps 100]
+    python benchmarks/bench_identity.py faceid6m    [--steps 100]
     python benchmarks/bench_identity.py all --json docs/miniature.json --plot docs/miniature.png
 
 * identity: Face Sim (tiny recognizer) of images generated with a held-out reference photo's embedding vs that
@@ -76,7 +76,7 @@ def pipe_for(paths, out=None):
 
 
 def run_identity(
-    paths, work: Path, steps: int, seeds, rec, variants=("ok", "shuffle", "no_ip")
+    paths, work: Path, steps: int, seeds, rec, variants=("ok", "shuffle", "no_ip"), extra=()
 ) -> list[dict]:
     data = C.write_world_dataset(work / "id_data", TRAIN_PERSONS, 4, rec, seed=1)
     ref_photos, _, ref_emb = C.references(TRAIN_PERSONS, rec, seed=2)
@@ -88,7 +88,7 @@ def run_identity(
             out = work / f"id_{v}_{seed}"
             t0 = time.time()
             with broken(None if v == "ok" else v):
-                train(C.train_args(paths, data, out, steps, seed, "--cross_id"))
+                train(C.train_args(paths, data, out, steps, seed, "--cross_id", *extra))
             after = C.identity_scores(pipe_for(paths, out), rec, ref_photos, ref_emb, seed)
             rows.append({"trainer": v, "seed": seed, "steps": steps, "before_same": before["same"],
                          "before_different": before["different"], "after_same": after["same"],
@@ -193,7 +193,11 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("claim", choices=["identity", "crossfaceid", "faceid6m", "all"])
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument(
+        "--train_identitynet", action="store_true", help="also train IdentityNet (default: adapter only)"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tiny", default=None, help="tiny checkpoints folder (default: built in a temp folder)")
     p.add_argument("--json", default=None, help="write the figures here")
@@ -207,6 +211,8 @@ def main(argv=None):
     logging.disable(logging.WARNING)
     from faceid.tiny.models import build_tiny
 
+    C.LEARNING_RATE = args.lr
+    extra = () if args.train_identitynet else ("--no-train_identitynet",)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -216,7 +222,7 @@ def main(argv=None):
         for claim in claims:
             t0 = time.time()
             if claim == "identity":
-                rows = run_identity(paths, tmp, args.steps, args.seeds, rec)
+                rows = run_identity(paths, tmp, args.steps, args.seeds, rec, extra=extra)
             elif claim == "crossfaceid":
                 rows = run_crossfaceid(paths, tmp, args.steps, args.seeds[0], rec)
             else:

@@ -188,6 +188,9 @@ def attribute_scores(pipe, recognizer, ref_photos, ref_embeds, seed: int) -> dic
     return res
 
 
+LEARNING_RATE = 1e-3
+
+
 def train_args(paths, data: WorldSet, out, steps: int, seed: int, *extra: str) -> list[str]:
     """The trainer's command line for a miniature run (the official-layout tiny checkpoints as the start)."""
     return [
@@ -195,7 +198,7 @@ def train_args(paths, data: WorldSet, out, steps: int, seed: int, *extra: str) -
         "--controlnet_model_name_or_path", str(paths["controlnet"]),
         "--pretrained_ip_adapter_path", str(paths["face_adapter"]),
         "--data_json_file", str(data.index), "--output_dir", str(out), "--resolution", str(W.IMAGE_SIZE),
-        "--train_batch_size", "4", "--learning_rate", "1e-3", "--max_train_steps", str(steps),
+        "--train_batch_size", "4", "--learning_rate", str(LEARNING_RATE), "--max_train_steps", str(steps),
         "--checkpointing_steps", "0", "--report_to", "none", "--seed", str(seed), "--no-log_samples",
         "--cache_text_embeddings", *extra,
     ]  # fmt: skip

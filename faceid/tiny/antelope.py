@@ -13,8 +13,9 @@ unmodified, exactly like the real pack:
   box. Several rectangles give several faces, a dark image none. Like real SCRFD on close crops, a rectangle wider
   or taller than :data:`MAX_FACE_PX` pixels of the detector input is *not* found, so a face filling the frame is
   only detected after retrying at a smaller ``det_size``.
-* ``glintr100.onnx`` — a ``[N, 3, 112, 112] -> [N, 512]`` recognizer (8×8 average pooling, then a fixed random
-  projection, seed 0). Node names avoid ``Sub``/``Mul`` so insightface reads ``input_mean = input_std = 127.5``,
+* ``glintr100.onnx`` — a ``[N, 3, 112, 112] -> [N, 512]`` recognizer: the miniature world's CNN trained to tell
+  its persons apart (``faceid/tiny/world.py``; Conv/Relu/Flatten/Gemm) or, without those weights, 8×8 average
+  pooling and a fixed random projection (seed 0). Node names avoid ``Sub``/``Mul`` so insightface reads ``input_mean = input_std = 127.5``,
   as for the real model. The same aligned face gives the same embedding; different colours/textures differ.
 
 Both files are built with ``onnx.helper`` in well under a second and are byte-for-byte reproducible.
@@ -168,6 +169,34 @@ def build_detector(path: str | os.PathLike, max_face_px: int = MAX_FACE_PX) -> P
     return _save(graph, path, "tiny SCRFD-signature detector of bright rectangles (tests only)")
 
 
+WORLD_RECOGNIZER = Path(__file__).resolve().parent / "weights" / "recognizer.safetensors"
+
+
+def build_world_recognizer(path: str | os.PathLike, weights: str | os.PathLike = WORLD_RECOGNIZER) -> Path:
+    """The miniature world's trained recognizer (``faceid/tiny/world.py``) as ONNX with standard ops only
+    (Conv, Relu, Flatten, Gemm), so ``onnx2torch`` converts it into a differentiable module."""
+    from safetensors.numpy import load_file
+
+    w = {k: v.astype(np.float32) for k, v in load_file(str(weights)).items()}
+    g = _Graph("rec")
+    x = "input.1"
+    i = 0
+    while f"conv{i}.weight" in w:
+        x = g.op("Conv", [x, g.const(w[f"conv{i}.weight"], hint="w"), g.const(w[f"conv{i}.bias"], hint="b")],
+                 "conv", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])  # fmt: skip
+        x = g.op("Relu", [x], "relu")
+        i += 1
+    flat = g.op("Flatten", [x], "flat", axis=1)
+    fc = g.op(
+        "Gemm", [flat, g.const(w["fc.weight"], hint="w"), g.const(w["fc.bias"], hint="b")], "fc", transB=1
+    )
+    out = helper.make_node("Identity", [fc], ["embedding"], name="out_embedding")
+    inp = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])
+    outp = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", EMBEDDING_DIM])
+    graph = helper.make_graph(g.nodes + [out], "tiny_arcface", [inp], [outp], g.inits)
+    return _save(graph, path, "tiny 112x112 -> 512 recognizer trained on the miniature world's persons")
+
+
 def build_recognizer(path: str | os.PathLike, seed: int = 0) -> Path:
     g = _Graph("rec")
     feat = 3 * (112 // REC_POOL) ** 2
@@ -218,13 +247,22 @@ def _save(graph, path, doc: str) -> Path:
     return path
 
 
-def build_tiny_antelopev2(model_dir: str | os.PathLike, full_pack: bool = False) -> Path:
+def build_tiny_antelopev2(
+    model_dir: str | os.PathLike, full_pack: bool = False, world: bool | None = None
+) -> Path:
     """Write the tiny ``scrfd_10g_bnkps.onnx`` and ``glintr100.onnx`` into ``model_dir`` (e.g.
     ``DIR/models/antelopev2``) and return it. Deterministic; takes well under a second. ``full_pack`` adds
-    stand-ins for the pack's three other modules (landmarks 3D/2D, gender-age), as a real download has."""
+    stand-ins for the pack's three other modules (landmarks 3D/2D, gender-age), as a real download has. ``world``
+    (default: when its weights are committed) writes the miniature world's trained recognizer instead of the
+    fixed random projection."""
     model_dir = Path(model_dir)
     build_detector(model_dir / DETECTOR_FILE)
-    build_recognizer(model_dir / RECOGNIZER_FILE)
+    if world is None:
+        world = WORLD_RECOGNIZER.is_file()
+    if world:
+        build_world_recognizer(model_dir / RECOGNIZER_FILE)
+    else:
+        build_recognizer(model_dir / RECOGNIZER_FILE)
     if full_pack:
         for i, (name, (size, width)) in enumerate(AUX_MODULES.items()):
             build_aux_module(model_dir / name, size, width, seed=i + 1)

@@ -1,5 +1,6 @@
-"""Synthetic "faces" for offline runs and tests: a bright textured square on a dark background, which the tiny
-antelopev2 detector finds, with keypoints at the ArcFace template positions inside it."""
+"""Synthetic "faces" for offline runs and tests: a person of the miniature world (``faceid/tiny/world.py``: four
+bright quadrant colours, a mouth) on a dark background, which the tiny antelopev2 detector finds, with keypoints at
+the ArcFace template positions inside it. ``seed`` picks the person (and the background noise)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ def synthetic_face_array(size=(256, 256), box=None, seed: int = 0) -> tuple[np.n
         x1, y1 = (w - side) // 2, (h - side) // 2
         box = (x1, y1, x1 + side, y1 + side)
     x1, y1, x2, y2 = (int(v) for v in box)
-    texture = 200 + (rng.random((8, 8, 3)) * 55).astype(np.uint8)
-    patch = np.asarray(Image.fromarray(texture).resize((x2 - x1, y2 - y1), Image.NEAREST))
-    img[y1:y2, x1:x2] = patch
+    from faceid.tiny.world import draw_person, person_codes
+
+    codes = person_codes()
+    draw_person(img, (x1, y1, x2, y2), codes[seed % len(codes)])
     kps = ARCFACE_TEMPLATE / 112.0 * np.array([x2 - x1, y2 - y1], dtype=np.float32) + np.array(
         [x1, y1], np.float32
     )

@@ -27,6 +27,8 @@ ADAPTER_FILE = "checkpoints/ip-adapter.bin"
 ANTELOPE_SUBDIR = "models/antelopev2"
 CLIP_SUBDIR = "models/clip-vit-tiny"
 
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WORLD_PARTS = ("vae", "unet")
 TEXT_HIDDEN = 32  # each text encoder; UNet cross-attention width = 2 * TEXT_HIDDEN
 TIME_EMBED = 8
 TINY_RESAMPLER = dict(dim=64, depth=1, dim_head=64, heads=1, num_queries=4, embedding_dim=512, ff_mult=2)
@@ -114,8 +116,35 @@ def _randomise_zero_convs(controlnet, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0):
-    """Write the tiny SDXL diffusers folder; return the pipeline components (for building the rest)."""
+def load_world_weights(pipe, weights_dir: str | os.PathLike, parts=WORLD_PARTS) -> list[str]:
+    """Load the pretrained miniature world (``faceid/tiny/world.py``; fp16 safetensors, kept fp32 here) into the
+    pipeline's modules; set the VAE's measured ``scaling_factor``. Returns the parts loaded."""
+    from safetensors.torch import load_file
+
+    weights_dir = Path(weights_dir)
+    loaded = []
+    for name in parts:
+        f = weights_dir / f"{name}.safetensors"
+        if not f.is_file():
+            continue
+        module = getattr(pipe, name)
+        sd = {k: v.float() for k, v in load_file(str(f)).items()}
+        module.load_state_dict(sd, strict=True)
+        loaded.append(name)
+    info = weights_dir / "world.json"
+    sf = json.loads(info.read_text()).get("vae", {}).get("scaling_factor") if info.is_file() else None
+    if "vae" in loaded and sf:
+        pipe.vae.register_to_config(scaling_factor=float(sf))
+    return loaded
+
+
+def build_tiny_sdxl(
+    out_dir: str | os.PathLike, seed: int = 0, weights: str | os.PathLike | None = WEIGHTS_DIR
+):
+    """Write the tiny SDXL diffusers folder; return the pipeline components (for building the rest).
+
+    With ``weights`` (default: the committed miniature world) the modules hold the pretrained weights; without,
+    or when the files are absent, they are random (seeded)."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -155,12 +184,14 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0):
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(8, 16, 16, 16),
+        block_out_channels=(8, 16, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
+        # One group: per-channel groups would normalise away each image's absolute colours (its identity).
+        norm_num_groups=1,
+        mid_block_add_attention=False,
         sample_size=64,
         scaling_factor=0.13025,
     )
@@ -199,6 +230,8 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0):
         unet=unet,
         scheduler=scheduler,
     )
+    if weights is not None:
+        load_world_weights(pipe, weights)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return pipe
 

@@ -1,0 +1,240 @@
+"""The papers' claims in the miniature world, measured with the repository's trainer (CPU, a few minutes each).
+
+    python benchmarks/bench_identity.py identity    [--steps 100] [--lr 1e-2] [--seeds 0 1 2]
+    python benchmarks/bench_identity.py crossfaceid [--steps 100]
+    python benchmarks/bench_identity.py faceid6m    [--steps 100]
+    python benchmarks/bench_identity.py all --json docs/miniature.json --plot docs/miniature.png
+
+* identity: Face Sim (tiny recognizer) of images generated with a held-out reference photo's embedding vs that
+  person, and vs another person (baseline), with the start checkpoints ("before") and after ``--steps`` steps of
+  ``train_instantId_sdxl.py --cross_id``; per seed, plus two deliberately broken trainers (face embeddings shuffled
+  across the batch; the IP layers left out of the optimizer).
+* crossfaceid: same-image training vs ``--cross_id`` on the same photos; prompts asking for the other glasses /
+  expression / background than the reference photo's: attribute following vs copy-paste, and Face Sim.
+* faceid6m: Face Sim on persons never trained on after the same steps on 1x, 4x, 16x as many photos.
+
+Every run starts from ``download.py --tiny`` (built into a temp folder unless ``--tiny DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from faceid.tiny import claims as C  # noqa: E402
+
+TRAIN_PERSONS = list(range(8))
+HELD_OUT = list(range(80, 88))
+
+
+def train(argv):
+    import train_instantId_sdxl as t
+
+    return t.main(t.parse_args(argv))
+
+
+@contextlib.contextmanager
+def broken(kind: str | None):
+    """A deliberately broken trainer: ``shuffle`` (face embeddings rolled across the batch) or ``no_ip`` (the
+    IP layers' parameters left out of the optimizer)."""
+    import faceid.train.dataset as ds
+    import faceid.train.model as tm
+
+    saved = ds.collate, tm.trainable_parameters
+    if kind == "shuffle":
+
+        def collate(examples):
+            out = saved[0](examples)
+            out["face_embeds"] = out["face_embeds"].roll(1, dims=0)
+            return out
+
+        ds.collate = collate
+    elif kind == "no_ip":
+        tm.trainable_parameters = lambda model: [
+            p for n, p in model.named_parameters() if p.requires_grad and "_ip." not in n
+        ]
+    try:
+        yield
+    finally:
+        ds.collate, tm.trainable_parameters = saved
+
+
+def pipe_for(paths, out=None):
+    from pipeline_stable_diffusion_xl_instantid import load_pipeline
+
+    return C.pipe_for(load_pipeline, paths, out)
+
+
+def run_identity(
+    paths, work: Path, steps: int, seeds, rec, variants=("ok", "shuffle", "no_ip"), extra=()
+) -> list[dict]:
+    data = C.write_world_dataset(work / "id_data", TRAIN_PERSONS, 4, rec, seed=1)
+    ref_photos, _, ref_emb = C.references(TRAIN_PERSONS, rec, seed=2)
+    base = pipe_for(paths)
+    rows = []
+    for seed in seeds:
+        before = C.identity_scores(base, rec, ref_photos, ref_emb, seed)
+        for v in variants if seed == seeds[0] else ("ok",):
+            out = work / f"id_{v}_{seed}"
+            t0 = time.time()
+            with broken(None if v == "ok" else v):
+                train(C.train_args(paths, data, out, steps, seed, "--cross_id", *extra))
+            after = C.identity_scores(pipe_for(paths, out), rec, ref_photos, ref_emb, seed)
+            rows.append({"trainer": v, "seed": seed, "steps": steps, "before_same": before["same"],
+                         "before_different": before["different"], "after_same": after["same"],
+                         "after_different": after["different"], "face_found": after["face_found"],
+                         "margin_vs_before": after["same"] - before["same"],
+                         "margin_vs_different": after["same"] - after["different"],
+                         "train_seconds": round(time.time() - t0, 1)})  # fmt: skip
+    return rows
+
+
+def run_crossfaceid(paths, work: Path, steps: int, seed: int, rec) -> list[dict]:
+    data = C.write_world_dataset(work / "cf_data", TRAIN_PERSONS, 4, rec, seed=3)
+    ref_photos, _, ref_emb = C.references(TRAIN_PERSONS, rec, seed=4)
+    rows = [
+        {
+            "training": "start checkpoint",
+            **_strip(C.attribute_scores(pipe_for(paths), rec, ref_photos, ref_emb, seed)),
+        }
+    ]
+    for name, extra in (("same image", ()), ("--cross_id", ("--cross_id",))):
+        out = work / f"cf_{name.strip('-').replace(' ', '_')}"
+        train(C.train_args(paths, data, out, steps, seed, *extra))
+        res = C.attribute_scores(pipe_for(paths, out), rec, ref_photos, ref_emb, seed)
+        rows.append({"training": name, **_strip(res)})
+    return rows
+
+
+def run_faceid6m(paths, work: Path, steps: int, seed: int, rec, scales=(1, 4, 16)) -> list[dict]:
+    ref_photos, _, ref_emb = C.references(HELD_OUT, rec, seed=6)
+    rows = []
+    for k in scales:
+        persons = list(range(4 * k))  # 2 photos each: 8, 32, 128 photos
+        data = C.write_world_dataset(work / f"f6_data_{k}", persons, 2, rec, seed=5)
+        out = work / f"f6_{k}"
+        train(C.train_args(paths, data, out, steps, seed, "--cross_id"))
+        res = C.identity_scores(pipe_for(paths, out), rec, ref_photos, ref_emb, seed)
+        rows.append({"data": f"{k}x", "photos": len(data.photos), "persons": len(persons), "steps": steps,
+                     "held_out_same": res["same"], "held_out_different": res["different"],
+                     "margin": res["same"] - res["different"]})  # fmt: skip
+    return rows
+
+
+def _strip(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k != "images"}
+
+
+def table(rows: list[dict], title: str) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = [max(len(k), *(len(fmt(r[k])) for r in rows)) for k in keys]
+    lines = [f"## {title}", "  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(fmt(r[k]).ljust(w) for k, w in zip(keys, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    if "identity" in results:
+        rows = results["identity"]
+        ok = [r for r in rows if r["trainer"] == "ok"]
+        labels = [f"seed {r['seed']}" for r in ok] + [
+            f"broken: {r['trainer']}" for r in rows if r["trainer"] != "ok"
+        ]
+        sel = ok + [r for r in rows if r["trainer"] != "ok"]
+        x = np.arange(len(sel))
+        for off, key, lab in ((-0.3, "before_same", "before, same person"), (-0.1, "before_different", "before, different"),
+                              (0.1, "after_same", "after, same person"), (0.3, "after_different", "after, different")):  # fmt: skip
+            axes[0].bar(x + off, [r[key] for r in sel], 0.2, label=lab)
+        axes[0].set_xticks(x, labels, rotation=20, fontsize=8)
+        axes[0].set_ylabel("Face Sim (tiny recognizer)")
+        axes[0].set_title(f"identity after {sel[0]['steps']} steps")
+        axes[0].legend(fontsize=7)
+    if "crossfaceid" in results:
+        rows = results["crossfaceid"]
+        x = np.arange(len(rows))
+        for off, key in ((-0.25, "follow"), (0.0, "copy"), (0.25, "face_sim")):
+            axes[1].bar(x + off, [r[key] for r in rows], 0.25, label=key)
+        axes[1].set_xticks(x, [r["training"] for r in rows], fontsize=8)
+        axes[1].set_title("CrossFaceID: prompt asks for other attributes")
+        axes[1].legend(fontsize=7)
+    if "faceid6m" in results:
+        rows = results["faceid6m"]
+        axes[2].plot(
+            [r["photos"] for r in rows], [r["held_out_same"] for r in rows], "o-", label="same person"
+        )
+        axes[2].plot(
+            [r["photos"] for r in rows], [r["held_out_different"] for r in rows], "s--", label="different"
+        )
+        axes[2].set_xscale("log")
+        axes[2].set_xlabel("training photos (same steps)")
+        axes[2].set_title("FaceID-6M: unseen persons")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("claim", choices=["identity", "crossfaceid", "faceid6m", "all"])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument(
+        "--train_identitynet", action="store_true", help="also train IdentityNet (default: adapter only)"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tiny", default=None, help="tiny checkpoints folder (default: built in a temp folder)")
+    p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--plot", default=None, help="write the plot PNG here")
+    args = p.parse_args(argv)
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    from faceid.tiny.models import build_tiny
+
+    C.LEARNING_RATE = args.lr
+    extra = () if args.train_identitynet else ("--no-train_identitynet",)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = build_tiny(args.tiny or tmp / "tiny")
+        rec = C.Recognizer(paths["antelopev2"])
+        claims = ["identity", "crossfaceid", "faceid6m"] if args.claim == "all" else [args.claim]
+        for claim in claims:
+            t0 = time.time()
+            if claim == "identity":
+                rows = run_identity(paths, tmp, args.steps, args.seeds, rec, extra=extra)
+            elif claim == "crossfaceid":
+                rows = run_crossfaceid(paths, tmp, args.steps, args.seeds[0], rec)
+            else:
+                rows = run_faceid6m(paths, tmp, args.steps, args.seeds[0], rec)
+            results[claim] = rows
+            print(table(rows, f"{claim} ({time.time() - t0:.0f} s)"), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        plot(results, Path(args.plot))
+    return results
+
+
+if __name__ == "__main__":
+    main()

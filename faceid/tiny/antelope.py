@@ -174,7 +174,7 @@ WORLD_RECOGNIZER = Path(__file__).resolve().parent / "weights" / "recognizer.saf
 
 def build_world_recognizer(path: str | os.PathLike, weights: str | os.PathLike = WORLD_RECOGNIZER) -> Path:
     """The miniature world's trained recognizer (``faceid/tiny/world.py``) as ONNX with standard ops only
-    (Conv, Relu, Flatten, Gemm), so ``onnx2torch`` converts it into a differentiable module."""
+    (Conv, Relu, Flatten, Gemm), so :class:`faceid.face.onnx_module.OnnxModule` runs it as a differentiable module."""
     from safetensors.numpy import load_file
 
     w = {k: v.astype(np.float32) for k, v in load_file(str(weights)).items()}

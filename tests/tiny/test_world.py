@@ -1,5 +1,5 @@
 """The miniature world behaves like the real one where the trainer's claims depend on it: the tiny detector finds
-its faces, the recognizer separates its persons (and onnx2torch converts it exactly), the VAE reconstructs at unit
+its faces, the recognizer separates its persons (tests/face/test_onnx_module.py runs it in torch), the VAE reconstructs at unit
 latent variance, and the pretrained base model denoises and follows captions."""
 
 from __future__ import annotations
@@ -56,22 +56,6 @@ def test_recognizer_separates_persons_invariant_to_attributes(rec):
     assert stats["same_mean"] > 0.5, stats
     # ArcFace-like on average; a few pairs of persons with close colours stay confusable (docs/miniature.md)
     assert abs(stats["diff_mean"]) < 0.1 and stats["diff_std"] < 0.3, stats
-
-
-def test_recognizer_onnx2torch_matches_onnxruntime(tiny_paths, rec):
-    import onnx
-    from onnx2torch import convert
-
-    from faceid.tiny.antelope import RECOGNIZER_FILE
-
-    model = convert(onnx.load(str(tiny_paths["antelopev2"] / RECOGNIZER_FILE))).eval()
-    x = np.random.default_rng(0).uniform(-1, 1, (3, 3, 112, 112)).astype(np.float32)
-    with torch.no_grad():
-        out = model(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(out, rec.embed_crops(x), rtol=1e-4, atol=1e-4)
-    x_t = torch.from_numpy(x).requires_grad_(True)
-    model(x_t).sum().backward()
-    assert x_t.grad is not None and float(x_t.grad.abs().sum()) > 0  # differentiable (identity losses)
 
 
 def test_vae_unit_latents_and_reconstruction(sdxl):

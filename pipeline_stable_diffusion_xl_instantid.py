@@ -947,9 +947,9 @@ def _gen_size(width: int, height: int, size: int, multiple: int = 64) -> tuple[i
 def detect_faces(analyzer, image) -> list[dict]:
     """Every face ``analyzer`` (a ``faceid.face.analysis.FaceAnalyzer``) finds in ``image``, left to right, as
     ``{"bbox": [4], "kps": [5, 2], "score": float}`` in the image's pixels."""
-    from faceid.face.images import to_bgr
+    from faceid.face.images import load_image, to_bgr
 
-    image = image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+    image = image if isinstance(image, Image.Image) else load_image(image)
     det = analyzer.detect(to_bgr(image))
     order = left_to_right(det.bboxes) if len(det.bboxes) else []
     return [{"bbox": det.bboxes[i], "kps": det.kpss[i], "score": float(det.scores[i])} for i in order]
@@ -1019,7 +1019,9 @@ def face_inpaint(
 
     Returns the new photo (PIL), and the ``[H, W]`` mask when ``return_mask``.
     """
-    image = image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+    from faceid.face.images import load_image
+
+    image = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
     if bbox is None:
         if analyzer is None:
             raise ValueError("face_inpaint: give bbox (x1, y1, x2, y2) or an analyzer to detect the face")

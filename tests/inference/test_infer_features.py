@@ -114,6 +114,8 @@ def test_lora_memory_and_vae_flags_run_and_are_recorded(tiny_paths, tmp_path):
         vae_tiling=True,
         vae=tiny_paths["base_model"] / "vae",
         scheduler="lcm",
+        face_detail=True,
+        inpaint_size=64,
     )
     args = infer_from_pkl.parse_args(argv_for(tiny_paths, tmp_path, **flags))
     records = infer_from_pkl.main(args)
@@ -121,7 +123,7 @@ def test_lora_memory_and_vae_flags_run_and_are_recorded(tiny_paths, tmp_path):
     settings = json.loads((tmp_path / "out" / "settings.json").read_text())
     every_flag = set(vars(infer_from_pkl.parse_args([])))
     assert every_flag <= set(settings), every_flag - set(settings)
-    assert settings["lora"] == [f"{lora}:0.7"] and settings["offload"] == "model"
+    assert settings["lora"] == [f"{lora}:0.7"] and settings["offload"] == "model" and settings["face_detail"]
     assert settings["steps"] == 2 and settings["guidance_scale"] == infer_from_pkl.LCM_GUIDANCE
     key = infer_from_pkl.pipeline_key(args)
     assert key != infer_from_pkl.pipeline_key(infer_from_pkl.parse_args(argv_for(tiny_paths, tmp_path)))

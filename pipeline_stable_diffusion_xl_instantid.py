@@ -44,7 +44,7 @@ from PIL import Image
 
 from faceid.face.kps import draw_kps, fit_size, resize_img  # noqa: F401  (re-exported: the official module has both)
 from faceid.face.regions import crop_box, feathered_mask, kps_from_bbox, left_to_right, region_masks
-from faceid.prompt_weights import parse_weights, uses_weights
+from faceid.generation.prompts import parse_weights, uses_weights
 from ip_adapter.attention_processor import AttnProcessor, IPAttnProcessor
 from ip_adapter.weights import (
     build_resampler,

@@ -150,7 +150,7 @@ def test_people_inputs_regions_do_not_overlap():
 
 # ---- prompt weighting --------------------------------------------------------------------------------
 def test_prompt_weights_parse():
-    from faceid.prompt_weights import parse_weights
+    from faceid.generation.prompts import parse_weights
 
     assert parse_weights("a (red:1.5) car") == [("a ", 1.0), ("red", 1.5), (" car", 1.0)]
     assert parse_weights("((big)) [dog]") == [

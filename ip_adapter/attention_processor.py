@@ -44,7 +44,24 @@ def mask_to_tokens(region_mask: torch.Tensor, num_tokens: int, batch: int) -> to
 
 
 class _Base(nn.Module):
-    """Shared prologue/epilogue of diffusers' attention (spatial norm, 4-D inputs, residual, rescale)."""
+    """Shared prologue/epilogue of diffusers' attention (spatial norm, 4-D inputs, residual, rescale); the
+    processors differ only in :meth:`_attend`. diffusers reads ``__call__``'s signature to decide which
+    ``cross_attention_kwargs`` to pass, so ``region_mask`` and ``kv_cache`` must stay named here."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        region_mask=None,
+        kv_cache=None,
+    ):
+        residual = hidden_states
+        hidden_states, shape4 = self._prologue(attn, hidden_states, temb)
+        out = self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, region_mask, kv_cache)
+        return self._epilogue(attn, out, residual, shape4)
 
     @staticmethod
     def _prologue(attn, hidden_states, temb):
@@ -100,18 +117,7 @@ class AttnProcessor(_Base):
     cross-attention keys/values of a context that does not change between denoising steps are computed once.
     """
 
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        region_mask=None,
-        kv_cache=None,
-    ):
-        residual = hidden_states
-        hidden_states, shape4 = self._prologue(attn, hidden_states, temb)
+    def _attend(self, attn, hidden_states, encoder_hidden_states, attention_mask, region_mask, kv_cache):
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
             batch, seq = hidden_states.shape[:2]
@@ -125,8 +131,7 @@ class AttnProcessor(_Base):
                 lambda: _project(attn, encoder_hidden_states),
             )
         attention_mask = self._mask(attn, attention_mask, seq, batch)
-        out = self._sdpa(attn, query, key, value, attention_mask)
-        return self._epilogue(attn, out, residual, shape4)
+        return self._sdpa(attn, query, key, value, attention_mask)
 
 
 def _project(attn, context):
@@ -175,18 +180,7 @@ class IPAttnProcessor(_Base):
         ]
         return (*_project(attn, text), [(self.to_k_ip(f), self.to_v_ip(f)) for f in faces])
 
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        region_mask=None,
-        kv_cache=None,
-    ):
-        residual = hidden_states
-        hidden_states, shape4 = self._prologue(attn, hidden_states, temb)
+    def _attend(self, attn, hidden_states, encoder_hidden_states, attention_mask, region_mask, kv_cache):
         if encoder_hidden_states is None:
             raise ValueError("IPAttnProcessor needs encoder_hidden_states = cat([text tokens, face tokens])")
         # One mask per face group when several people share the image; a single mask (or None) for one face.
@@ -225,7 +219,7 @@ class IPAttnProcessor(_Base):
                     face_out = face_out * token_mask
                 face = face_out if face is None else face + face_out
             out = out + self.scale * face
-        return self._epilogue(attn, out, residual, shape4)
+        return out
 
 
 # Names the official InstantID and IP-Adapter scripts import (``from ip_adapter.attention_processor import

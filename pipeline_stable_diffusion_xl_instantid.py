@@ -638,29 +638,12 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         """
         # 1. Check inputs
         self.check_inputs(
-            prompt,
-            prompt_2,
-            image_embeds,
-            image,
-            height,
-            width,
-            num_inference_steps,
-            negative_prompt,
-            negative_prompt_2,
-            prompt_embeds,
-            negative_prompt_embeds,
-            pooled_prompt_embeds,
-            negative_pooled_prompt_embeds,
-            controlnet_conditioning_scale,
-            control_guidance_start,
-            control_guidance_end,
-            num_images_per_prompt,
-            callback_on_step_end_tensor_inputs,
-            faces,
-            init_image,
-            mask_image,
-            strength,
-        )
+            prompt, prompt_2, image_embeds, image, height, width, num_inference_steps,
+            negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+            pooled_prompt_embeds, negative_pooled_prompt_embeds, controlnet_conditioning_scale,
+            control_guidance_start, control_guidance_end, num_images_per_prompt,
+            callback_on_step_end_tensor_inputs, faces, init_image, mask_image, strength,
+        )  # fmt: skip
         nets = self._controlnets()
         if faces is None:
             people = [(image_embeds, image[0] if len(nets) > 1 else image, control_mask)]
@@ -691,28 +674,14 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
 
         # 3. Encode input prompt (once per call; weighted/long prompts through encode_weighted_prompt)
         lora_scale = (cross_attention_kwargs or {}).get("scale")
+        texts = (prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2)
         if prompt_embeds is None and self._wants_weighting(
             prompt, prompt_2, negative_prompt, negative_prompt_2
         ):
-            encoded = self.encode_weighted_prompt(
-                prompt,
-                prompt_2,
-                device,
-                num_images_per_prompt,
-                do_cfg,
-                negative_prompt,
-                negative_prompt_2,
-                clip_skip=clip_skip,
-            )
+            encoded = self.encode_weighted_prompt(*texts, clip_skip=clip_skip)
         else:
             encoded = self.encode_prompt(
-                prompt,
-                prompt_2,
-                device,
-                num_images_per_prompt,
-                do_cfg,
-                negative_prompt,
-                negative_prompt_2,
+                *texts,
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,

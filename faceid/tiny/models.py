@@ -221,14 +221,9 @@ def build_tiny_sdxl(
         timestep_spacing="leading",
         num_train_timesteps=1000,
     )
+    # positional, in StableDiffusionXLPipeline's order
     pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
+        vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler
     )
     if weights is not None:
         load_world_weights(pipe, weights)

@@ -53,7 +53,7 @@ def quiet_third_party() -> None:
         "ignore", category=FutureWarning, module=r"(diffusers|transformers|huggingface_hub)"
     )
     warnings.filterwarnings("ignore", message=r".*torchvision.*")
-    for name in ("transformers", "diffusers"):
+    for name in ("transformers", "diffusers", "bitsandbytes"):  # bitsandbytes: "kernels" notice on CPUs
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as tlog

@@ -1,6 +1,7 @@
 """The papers' claims in the miniature world, measured with the repository's trainer (CPU, a few minutes each).
 
-    python benchmarks/bench_identity.py identity    [--steps 100] [--lr 1e-2] [--seeds 0 1 2]
+    python benchmarks/bench_identity.py identity    [--steps 100] [--lr 1e-2] [--seeds 0 1 2] [--gen_steps 12]
+                                                    [--ip_scale 0.8]
     python benchmarks/bench_identity.py crossfaceid [--steps 100]
     python benchmarks/bench_identity.py faceid6m    [--steps 100]
     python benchmarks/bench_identity.py all --json docs/miniature.json --plot docs/miniature.png
@@ -199,6 +200,8 @@ def main(argv=None):
         "--train_identitynet", action="store_true", help="also train IdentityNet (default: adapter only)"
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--gen_steps", type=int, default=C.GEN_STEPS, help="sampling steps of each generation")
+    p.add_argument("--ip_scale", type=float, default=C.IP_SCALE, help="ip_adapter_scale at generation")
     p.add_argument("--tiny", default=None, help="tiny checkpoints folder (default: built in a temp folder)")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--plot", default=None, help="write the plot PNG here")
@@ -212,6 +215,7 @@ def main(argv=None):
     from faceid.tiny.models import build_tiny
 
     C.LEARNING_RATE = args.lr
+    C.GEN_STEPS, C.IP_SCALE = args.gen_steps, args.ip_scale
     extra = () if args.train_identitynet else ("--no-train_identitynet",)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -574,6 +574,6 @@ def main(args, pipe=None):
 
 
 if __name__ == "__main__":
-    from faceid.cli import run
+    from faceid import cli
 
-    run(main, parse_args)
+    cli.run(main, parse_args)

@@ -288,4 +288,6 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    from faceid import cli
+
+    cli.run(main, parse_args)

@@ -1161,6 +1161,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from faceid.cli import run
+    from faceid import cli
 
-    run(main, parse_args)
+    cli.run(main, parse_args)

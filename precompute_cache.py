@@ -196,6 +196,6 @@ def _interrupt(signum, frame):
 
 
 if __name__ == "__main__":
-    from faceid.cli import run
+    from faceid import cli
 
-    run(main, parse_args)
+    cli.run(main, parse_args)

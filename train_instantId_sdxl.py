@@ -721,6 +721,6 @@ class StepLogs:
 
 
 if __name__ == "__main__":
-    from faceid.cli import run
+    from faceid import cli
 
-    run(main, parse_args)
+    cli.run(main, parse_args)

@@ -23,11 +23,12 @@ Comparison: the same face, prompt and seed with the base weights and any ``check
 of ``--run_dir``, side by side. The base SDXL is loaded once; a switch replaces only IdentityNet and the adapter
 (:class:`faceid.generation.cache.PipelineCache`).
 
-New pipeline options (inpainting into a target photo, several people, LoRA, ...): give the option a name and a
-default in ``DEFAULT_OPTIONS``, add its control to :func:`build_ui` (``option_inputs`` and the same-named parameter
-of ``run``/``compare``, which is also its gradio_client name) and map it to pipeline arguments in
-:func:`call_kwargs`. :meth:`Studio.generate` / :meth:`Studio.compare` take that ``options`` dict; nothing else
-changes.
+New pipeline options: give the option a name and a default in ``DEFAULT_OPTIONS``, add its control to
+:func:`build_ui` (``option_inputs`` and the same-named parameter of ``run``/``compare``, which is also its
+gradio_client name) and map it to pipeline arguments in :func:`call_kwargs` (and :func:`render` when it needs
+another call). :meth:`Studio.generate` / :meth:`Studio.compare` take that ``options`` dict; nothing else changes.
+Uploads (no initial value) go to ``extra_uploads`` and the ``=None`` parameters at the end, so that they stay
+optional for gradio_client.
 """
 
 from __future__ import annotations
@@ -664,7 +665,7 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
 
         option_inputs = [prompt, negative, style, steps, guidance, cn_scale, ip_scale, seed, num_images]
         option_inputs += [scheduler, fast, enhance, inpaint_strength, face_detail, lora]
-        upload_inputs = [face_files, face_info, pose, target, person2, person3]
+        extra_uploads = [target, person2, person3]
 
         def _bar(progress):
             return lambda done, total, desc: progress((done, total), desc=desc)
@@ -676,10 +677,12 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
             return gallery_value, None, None, _status(text, False)
 
         # Named parameters: they are the API's names (gradio_client: predict(..., prompt=..., api_name=...)).
+        # The new uploads come last with None defaults: optional for gradio_client (older calls keep working).
         def run(
-            face_files, face_info, pose, target, person2, person3, prompt, negative_prompt, style, steps,
-            guidance_scale, controlnet_conditioning_scale, ip_adapter_scale, seed, num_images, scheduler, fast,
-            enhance_face_region, inpaint_strength, face_detail, lora, progress=gr.Progress(),
+            face_files, face_info, pose, prompt, negative_prompt, style, steps, guidance_scale,
+            controlnet_conditioning_scale, ip_adapter_scale, seed, num_images, scheduler, fast,
+            enhance_face_region, inpaint_strength, face_detail, lora, target=None, person2=None, person3=None,
+            progress=gr.Progress(),
         ):  # fmt: skip
             options = {k: v for k, v in locals().items() if k in DEFAULT_OPTIONS}
             try:
@@ -691,9 +694,10 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
             return paths, cond.kps_image, settings, _status(_notes_text(settings), True)
 
         def compare(
-            face_files, face_info, pose, target, person2, person3, weights, prompt, negative_prompt, style,
-            steps, guidance_scale, controlnet_conditioning_scale, ip_adapter_scale, seed, num_images, scheduler,
-            fast, enhance_face_region, inpaint_strength, face_detail, lora, progress=gr.Progress(),
+            face_files, face_info, pose, weights, prompt, negative_prompt, style, steps, guidance_scale,
+            controlnet_conditioning_scale, ip_adapter_scale, seed, num_images, scheduler, fast,
+            enhance_face_region, inpaint_strength, face_detail, lora, target=None, person2=None, person3=None,
+            progress=gr.Progress(),
         ):  # fmt: skip
             options = {k: v for k, v in locals().items() if k in DEFAULT_OPTIONS}
             try:
@@ -721,7 +725,7 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
         outputs = [kps_view, settings_view, status]
         run_btn.click(
             run,
-            [*upload_inputs, *option_inputs],
+            [face_files, face_info, pose, *option_inputs, *extra_uploads],
             [gallery, *outputs],
             api_name="generate",
             concurrency_id="pipeline",
@@ -729,7 +733,7 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
         )
         cmp_btn.click(
             compare,
-            [*upload_inputs, picked, *option_inputs],
+            [face_files, face_info, pose, picked, *option_inputs, *extra_uploads],
             [cmp_gallery, *outputs],
             api_name="compare",
             concurrency_id="pipeline",

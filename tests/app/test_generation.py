@@ -420,3 +420,26 @@ def test_memory_presets_are_applied_at_load_and_recorded(tiny_dir, photos, tmp_p
     assert pipe.vae.use_slicing and pipe.vae.use_tiling and hasattr(pipe.unet, "_hf_hook")
     assert (settings["offload"], settings["vae_slicing"], settings["vae_tiling"]) == ("model", True, True)
     assert images[0].size == (64, 64) and np.asarray(images[0]).std() > 0
+
+
+def test_user_lora_and_the_lcm_lora_are_active_together_only_in_fast_mode(
+    tiny_dir, photos, tiny_paths, tmp_path
+):
+    user = _make_lora(tiny_paths["base_model"], tmp_path / "user")
+    lcm = _make_lora(tiny_paths["base_model"], tmp_path / "lcm")
+    args = app.parse_args(["--tiny", str(tiny_dir), "--lcm_lora", str(lcm)])
+    args.output_dir = str(tmp_path / "out")
+    app.apply_tiny(args)
+    studio = app.Studio(args)
+    cond = studio.condition([photos["a"]])
+    _, settings = studio.generate(cond, _opts(fast=True, lora=f"{user}:0.5"))
+    pipe = studio.cache.pipe
+    assert settings["lcm_lora"] is True and sorted(pipe.get_active_adapters()) == ["lcm", "lora0"]
+    studio.generate(cond, _opts(fast=False, lora=f"{user}:0.5"))
+    assert pipe.get_active_adapters() == ["lora0"]
+    # Clearing the user's LoRA unloads every LoRA; fast mode loads the LCM-LoRA again when next used.
+    studio.generate(cond, _opts(fast=False, lora=""))
+    assert studio.lcm is None and not pipe.get_list_adapters()
+    _, settings = studio.generate(cond, _opts(fast=True))
+    assert settings["lcm_lora"] is True and pipe.get_active_adapters() == ["lcm"]
+    assert studio.cache.base_loads == 1

@@ -194,6 +194,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    from faceid.cli import run
+    from faceid.cli import run as run_cli  # not `run`: that name is this script's step runner
 
-    run(main, parse_args)
+    run_cli(main, parse_args)

@@ -12,15 +12,23 @@ negative prompt and a style preset, steps, guidance, IdentityNet and adapter str
 tokens act only on the face box). Each run's PNGs (settings in their ``parameters`` text chunk) and
 ``settings.json`` are written to ``OUTPUT_DIR/<time>/``.
 
+Inference options: a **target photo** (the person is inpainted into its largest face with a feathered mask,
+every pixel outside is the target's, output size = the target's); a **second and third person** (each with their
+own embedding, keypoints and region: the largest faces of the pose photo, largest first, or side by side); a
+**face detail** pass (the face regenerated larger and pasted back); a **LoRA** (``PATH[:SCALE]``, loaded once per
+spec into the loaded pipeline, unloaded when cleared); memory presets ``--offload model|sequential``,
+``--vae_slicing``, ``--vae_tiling`` applied at load.
+
 Comparison: the same face, prompt and seed with the base weights and any ``checkpoint-N`` (and the final export)
 of ``--run_dir``, side by side. The base SDXL is loaded once; a switch replaces only IdentityNet and the adapter
 (:class:`faceid.generation.cache.PipelineCache`).
 
-New pipeline options (inpainting into a target photo, several people, LoRA, ...): give the option a name and a
-default in ``DEFAULT_OPTIONS``, add its control to :func:`build_ui` (``option_inputs`` and the same-named parameter
-of ``run``/``compare``, which is also its gradio_client name) and map it to pipeline arguments in
-:func:`call_kwargs`. :meth:`Studio.generate` / :meth:`Studio.compare` take that ``options`` dict; nothing else
-changes.
+New pipeline options: give the option a name and a default in ``DEFAULT_OPTIONS``, add its control to
+:func:`build_ui` (``option_inputs`` and the same-named parameter of ``run``/``compare``, which is also its
+gradio_client name) and map it to pipeline arguments in :func:`call_kwargs` (and :func:`render` when it needs
+another call). :meth:`Studio.generate` / :meth:`Studio.compare` take that ``options`` dict; nothing else changes.
+Uploads (no initial value) go to ``extra_uploads`` and the ``=None`` parameters at the end, so that they stay
+optional for gradio_client.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from faceid.generation.faces import FaceCondition, FaceInputError, face_condition
+from faceid.generation.faces import FaceCondition, FaceInputError, arrange, face_condition
 from faceid.generation.runs import BASE_LABEL, Weights, run_weights
 from faceid.generation.styles import NO_STYLE, STYLES, apply_style
 
@@ -65,6 +73,10 @@ MIN_SIDE, MAX_SIDE = 1024, 1280  # output size from the pose (or face) photo, li
 MAX_PIXELS = 40_000_000  # uploads over this many pixels are refused before decoding
 MAX_FILE_SIZE = "30mb"
 MAX_CONTROLNETS = 2  # IdentityNets kept in memory while comparing
+INPAINT_SIZE = 1024  # target photo / face detail: generation size of the face crop (longer side)
+INPAINT_STRENGTH = 0.85  # target photo: share of the schedule that runs on the face crop
+FACE_DETAIL_STRENGTH = 0.45  # face detail: low, so the composition stays
+REGION_SCALE = 2.0  # several people: each person's region is their face box grown this much
 # ------------------------------------------------------------------------------------------------
 
 logger = logging.getLogger("app")
@@ -82,11 +94,15 @@ DEFAULT_OPTIONS = {
     "scheduler": "default",
     "fast": False,
     "enhance_face_region": False,
+    "inpaint_strength": INPAINT_STRENGTH,
+    "face_detail": False,
+    "lora": "",
 }
 
 
 def parse_args(argv=None):
     from infer_from_pkl import SCHEDULERS
+    from pipeline_stable_diffusion_xl_instantid import OFFLOAD_CHOICES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base_model", default=BASE_MODEL_PATH, help="SDXL diffusers folder or hub id")
@@ -110,6 +126,14 @@ def parse_args(argv=None):
     p.add_argument("--max_side", type=int, default=MAX_SIDE)
     p.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help="largest upload, in pixels")
     p.add_argument("--max_controlnets", type=int, default=MAX_CONTROLNETS)
+    p.add_argument(
+        "--inpaint_size", type=int, default=INPAINT_SIZE, help="target photo / face detail crop size"
+    )
+    p.add_argument(
+        "--offload", choices=OFFLOAD_CHOICES, default="none", help="small GPUs: CPU offload preset"
+    )
+    p.add_argument("--vae_slicing", action="store_true", help="decode one image of a batch at a time")
+    p.add_argument("--vae_tiling", action="store_true", help="decode large images in tiles")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"))
     return p.parse_args(argv)
@@ -136,28 +160,94 @@ def apply_tiny(args) -> list[str]:
         args.min_side = args.max_side = 64
     if args.steps == STEPS:
         args.steps = 4
+    if args.inpaint_size == INPAINT_SIZE:
+        args.inpaint_size = 64
     examples = Path(args.tiny) / "examples"
     return [str(write_synthetic_face(examples / f"face{i}.png", seed=i)) for i in range(2)]
 
 
 def call_kwargs(cond: FaceCondition, o: dict) -> dict:
-    """Pipeline arguments for the face and the options (everything but the generator and the callback)."""
+    """Pipeline arguments for the face and the options (everything but the generator and the callback).
+    With a target photo they are :func:`face_inpaint`'s (no keypoint image or size: it makes its own crop);
+    with several people the ``faces=`` of :func:`people_inputs`."""
     prompt, negative = apply_style(o["style"], o["prompt"], o["negative_prompt"])
     kwargs = dict(
         prompt=prompt,
         negative_prompt=negative,
-        image_embeds=cond.embeddings,
-        image=cond.kps_image,
-        width=cond.size[0],
-        height=cond.size[1],
         num_inference_steps=int(o["steps"]),
         guidance_scale=float(o["guidance_scale"]),
         controlnet_conditioning_scale=float(o["controlnet_conditioning_scale"]),
         ip_adapter_scale=float(o["ip_adapter_scale"]),
     )
+    if cond.mode == "inpaint":
+        return dict(kwargs, image_embeds=cond.embeddings)
+    kwargs.update(width=cond.size[0], height=cond.size[1])
+    if cond.mode == "people":
+        from pipeline_stable_diffusion_xl_instantid import people_inputs
+
+        kps = None if cond.people[0]["kps"] is None else [p["kps"] for p in cond.people]
+        kwargs["faces"] = people_inputs(
+            [p["embeddings"] for p in cond.people],
+            cond.size,
+            [p["bbox"] for p in cond.people],
+            kps=kps,
+            region_scale=REGION_SCALE,
+        )
+        return kwargs
+    kwargs.update(image_embeds=cond.embeddings, image=cond.kps_image)
     if o.get("enhance_face_region") and cond.bbox is not None:
         kwargs["control_mask"] = cond.face_mask()
     return kwargs
+
+
+def render(pipe, cond: FaceCondition, o: dict, kwargs: dict, inpaint_size: int, **extra):
+    """One image: the pipeline call for ``kwargs`` (:func:`call_kwargs`), through :func:`face_inpaint` with a
+    target photo, followed by :func:`face_detail` when asked (one person, no target)."""
+    from pipeline_stable_diffusion_xl_instantid import face_detail, face_inpaint
+
+    if cond.mode == "inpaint":
+        rest = {k: v for k, v in kwargs.items() if k not in ("prompt", "image_embeds")}
+        return face_inpaint(
+            pipe,
+            cond.target,
+            kwargs["image_embeds"],
+            kwargs["prompt"],
+            bbox=cond.bbox,
+            kps=cond.kps,
+            size=inpaint_size,
+            strength=float(o["inpaint_strength"]),
+            **rest,
+            **extra,
+        )
+    image = pipe(**kwargs, **extra).images[0]
+    if o["face_detail"] and cond.mode == "single":
+        from faceid.face.regions import bbox_from_kps
+
+        skip = ("prompt", "image_embeds", "image", "width", "height", "control_mask")
+        rest = {k: v for k, v in kwargs.items() if k not in skip}
+        image = face_detail(
+            pipe,
+            image,
+            cond.embeddings,
+            kwargs["prompt"],
+            bbox=cond.bbox if cond.bbox is not None else bbox_from_kps(cond.kps),
+            kps=cond.kps,
+            size=inpaint_size,
+            strength=FACE_DETAIL_STRENGTH,
+            **rest,
+            **extra,
+        )
+    return image
+
+
+def steps_per_image(cond: FaceCondition, o: dict) -> int:
+    """Denoising steps one image takes (for the progress bar): strength shortens the schedule."""
+    steps = int(o["steps"])
+    if cond.mode == "inpaint":
+        return max(1, int(steps * float(o["inpaint_strength"])))
+    if o["face_detail"] and cond.mode == "single":
+        return steps + max(1, int(steps * FACE_DETAIL_STRENGTH))
+    return steps
 
 
 def check_options(options: dict) -> dict:
@@ -170,6 +260,11 @@ def check_options(options: dict) -> dict:
             raise FaceInputError(f"{key} must be between {lo} and {hi}, got {o[key]}")
         o[key] = int(o[key])
     o["seed"] = int(o["seed"])
+    o["inpaint_strength"] = float(o["inpaint_strength"])
+    if not 0 < o["inpaint_strength"] <= 1:
+        raise FaceInputError(f"target photo strength must be in (0, 1], got {o['inpaint_strength']}")
+    o["face_detail"] = bool(o["face_detail"])
+    o["lora"] = str(o["lora"] or "").strip()
     if o["seed"] < 0:
         o["seed"] = random.randint(0, 2**31 - 1)
     return o
@@ -189,20 +284,31 @@ class Studio:
         self.cache = PipelineCache(self._load_pipeline, self._load_controlnet, args.max_controlnets)
         self._analyzer = None
         self.lcm = None  # None: not tried yet; True: LoRA loaded; str: why fast mode runs without it
+        self.lora = ""  # the LoRA spec loaded into the pipeline ("" none)
+        self.lora_loads = 0
 
     # ---- loading --------------------------------------------------------------------------------
     def _load_pipeline(self, weights: Weights):
-        if self._load_pipeline_fn is not None:
-            return self._load_pipeline_fn(self.args.base_model, weights, self.device, self.dtype)
-        from pipeline_stable_diffusion_xl_instantid import load_pipeline
+        from pipeline_stable_diffusion_xl_instantid import apply_memory_options, load_pipeline
 
-        return load_pipeline(
-            self.args.base_model,
-            weights.controlnet,
-            weights.face_adapter,
-            device=self.device,
-            dtype=self.dtype,
-            progress=False,
+        if self._load_pipeline_fn is not None:
+            pipe = self._load_pipeline_fn(self.args.base_model, weights, self.device, self.dtype)
+        else:
+            pipe = load_pipeline(
+                self.args.base_model,
+                weights.controlnet,
+                weights.face_adapter,
+                device=self.device,
+                dtype=self.dtype,
+                progress=False,
+            )
+        offload = getattr(self.args, "offload", "none")
+        return apply_memory_options(
+            pipe,
+            offload=offload,
+            vae_slicing=getattr(self.args, "vae_slicing", False),
+            vae_tiling=getattr(self.args, "vae_tiling", False),
+            device=self.device if offload != "none" else None,
         )
 
     def _load_controlnet(self, path: str):
@@ -225,8 +331,10 @@ class Studio:
     def weights_choices(self) -> list[Weights]:
         return run_weights(self.args.run_dir, self.base)
 
-    def condition(self, face_files=None, face_info=None, pose=None) -> FaceCondition:
-        return face_condition(
+    def condition(self, face_files=None, face_info=None, pose=None, target=None, people=()) -> FaceCondition:
+        """The face from the uploads; ``target``: a photo to inpaint the person into; ``people``: the photos
+        of person 2, 3, ... (:func:`faceid.generation.faces.arrange`)."""
+        cond = face_condition(
             face_files,
             face_info,
             pose,
@@ -235,6 +343,47 @@ class Studio:
             max_side=self.args.max_side,
             max_pixels=self.args.max_pixels,
         )
+        return arrange(
+            cond,
+            target=target,
+            people_files=people or (),
+            pose=pose,
+            analyzer=self.analyzer,
+            max_pixels=self.args.max_pixels,
+        )
+
+    # ---- LoRA ----------------------------------------------------------------------------------
+    def _set_lora(self, pipe, spec: str) -> None:
+        """The LoRA ``PATH[:SCALE]`` loaded into the pipeline (once per spec; "" unloads it). The base stays."""
+        spec = (spec or "").strip()
+        if spec == self.lora:
+            return
+        from pipeline_stable_diffusion_xl_instantid import load_loras, parse_lora_spec, unload_loras
+
+        if self.lora:
+            unload_loras(pipe)  # every LoRA: the LCM-LoRA too, reloaded when fast mode next needs it
+            self.lora = ""
+            if self.lcm is True:
+                self.lcm = None
+        if not spec:
+            return
+        path = parse_lora_spec(spec)[0]
+        if not Path(path).exists():
+            raise FaceInputError(
+                f"LoRA not found: {path} (give PATH[:SCALE] of a .safetensors file or folder)"
+            )
+        try:
+            load_loras(pipe, [spec])
+        except Exception as exc:  # peft missing, a LoRA for another model, a broken file
+            try:
+                unload_loras(pipe)
+            except Exception:
+                logger.exception("unloading after a failed LoRA load")
+            if self.lcm is True:
+                self.lcm = None
+            raise FaceInputError(f"LoRA {spec} not loaded ({type(exc).__name__}: {exc})") from exc
+        self.lora = spec
+        self.lora_loads += 1
 
     # ---- fast mode -----------------------------------------------------------------------------
     def _set_fast(self, pipe, fast: bool) -> str | None:
@@ -249,7 +398,15 @@ class Studio:
                     self.lcm = True
                 except Exception as exc:  # peft missing, or a LoRA for another model
                     self.lcm = f"LCM-LoRA {path} not loaded ({type(exc).__name__}: {exc})"
-        if self.lcm is True:
+        if self.lora:  # the user's LoRA always, the LCM-LoRA in fast mode
+            from pipeline_stable_diffusion_xl_instantid import parse_lora_spec
+
+            names, scales = ["lora0"], [parse_lora_spec(self.lora)[1]]
+            if fast and self.lcm is True:
+                names, scales = names + ["lcm"], scales + [1.0]
+            pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=scales)
+        elif self.lcm is True:  # the only adapter (a user LoRA's unload removes it too)
             (pipe.enable_lora if fast else pipe.disable_lora)()
         return self.lcm if fast and self.lcm is not True else None
 
@@ -272,11 +429,27 @@ class Studio:
         if not weights:
             raise FaceInputError("choose at least one checkpoint to compare")
         count = o["num_images"] if images_per_weights is None else images_per_weights
-        total = count * o["steps"] * len(weights)
+        per_image = steps_per_image(cond, o)
+        total = count * per_image * len(weights)
         kwargs = call_kwargs(cond, o)
         done, notes, results, per_weights = 0, list(cond.notes), [], []
-        if o.get("enhance_face_region") and cond.bbox is None:
-            notes.append("enhance non-face region needs a face box: the face-info file has none")
+        if o.get("enhance_face_region"):
+            if cond.mode != "single":
+                notes.append(
+                    "enhance non-face region is not used with a target photo or several people (the face "
+                    "region already limits the face)"
+                )
+            elif cond.bbox is None:
+                notes.append("enhance non-face region needs a face box: the face-info file has none")
+        if o["face_detail"] and cond.mode != "single":
+            notes.append(
+                "face detail is not used with "
+                + (
+                    "a target photo (its face is generated at the detail size already)"
+                    if cond.mode == "inpaint"
+                    else "several people"
+                )
+            )
         t0 = time.time()
         for w in weights:
             if progress:
@@ -284,23 +457,31 @@ class Studio:
             with self.cache.use(w) as pipe:
                 scheduler = "lcm" if o["fast"] else o["scheduler"]
                 set_scheduler(pipe, scheduler)
+                self._set_lora(pipe, o["lora"])
                 note = self._set_fast(pipe, o["fast"])
                 if note and note not in notes:
                     notes.append(note)
                 for n in range(count):
                     seed = o["seed"] + n
+                    ran = [0]
 
-                    def on_step(pipe_, i, t, tensors, _base=done, _label=w.label):
+                    def on_step(pipe_, i, t, tensors, _base=done, _label=w.label, _ran=ran):
+                        _ran[0] += 1
                         if progress:
-                            progress(_base + i + 1, total, f"{_label}: step {i + 1}/{o['steps']}")
+                            k = min(_ran[0], per_image)
+                            progress(_base + k, total, f"{_label}: step {k}/{per_image}")
                         return tensors
 
-                    image = pipe(
-                        **kwargs,
+                    image = render(
+                        pipe,
+                        cond,
+                        o,
+                        kwargs,
+                        self.args.inpaint_size,
                         generator=torch.Generator(device="cpu").manual_seed(seed),
                         callback_on_step_end=on_step,
-                    ).images[0]
-                    done += o["steps"]
+                    )
+                    done += per_image
                     results.append((w, seed, image))
             per_weights.append({"label": w.label, "face_adapter": w.face_adapter, "controlnet": w.controlnet})
         settings = {
@@ -313,12 +494,27 @@ class Studio:
             "height": cond.size[1],
             "references": cond.sources,
             "pose_from": cond.pose_source,
+            "mode": cond.mode,
+            "target": cond.target_source or None,
+            "target_face_bbox": [round(float(v), 1) for v in cond.bbox] if cond.mode == "inpaint" else None,
+            "people": [
+                {"references": p["source"], "bbox": [round(float(v), 1) for v in p["bbox"]]}
+                for p in cond.people
+            ],
+            "lora_loaded": self.lora or None,
+            "inpaint_size": int(self.args.inpaint_size),
+            "face_detail_strength": FACE_DETAIL_STRENGTH
+            if o["face_detail"] and cond.mode == "single"
+            else None,
+            "offload": getattr(self.args, "offload", "none"),
+            "vae_slicing": bool(getattr(self.args, "vae_slicing", False)),
+            "vae_tiling": bool(getattr(self.args, "vae_tiling", False)),
             "base_model": str(self.args.base_model),
             "weights": per_weights,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "seconds": round(time.time() - t0, 2),
-            "loads": self.cache.stats(),
+            "loads": {**self.cache.stats(), "lora_loads": self.lora_loads},
             "notes": notes,
         }
         settings["images"] = self._save(results, settings)
@@ -388,6 +584,19 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
                         label="…or a face-info file (.pkl / .npz)", height=130, elem_id="face-info"
                     )
                     pose = gr.File(label="Pose photo (optional)", height=130, elem_id="pose")
+                with gr.Accordion("Target photo, several people", open=False):
+                    target = gr.File(
+                        label="Target photo (optional): the person replaces its largest face",
+                        height=110,
+                        elem_id="target",
+                    )
+                    with gr.Row():
+                        person2 = gr.File(
+                            label="Second person's photo (optional)", height=110, elem_id="person2"
+                        )
+                        person3 = gr.File(
+                            label="Third person's photo (optional)", height=110, elem_id="person3"
+                        )
                 prompt = gr.Textbox(label="Prompt", value=PROMPT, lines=2, elem_id="prompt")
                 style = gr.Dropdown(list(STYLES), value=NO_STYLE, label="Style")
                 negative = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT, lines=2)
@@ -409,6 +618,12 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
                         scheduler = gr.Dropdown(list(SCHEDULERS), value=args.scheduler, label="Scheduler")
                         fast = gr.Checkbox(value=False, label="Fast mode (LCM)")
                         enhance = gr.Checkbox(value=False, label="Enhance non-face region")
+                    with gr.Row():
+                        inpaint_strength = gr.Slider(
+                            0.05, 1, value=INPAINT_STRENGTH, step=0.05, label="Target photo strength"
+                        )
+                        face_detail = gr.Checkbox(value=False, label="Face detail pass")
+                    lora = gr.Textbox(label="LoRA (optional): PATH[:SCALE]", value="", elem_id="lora")
             with gr.Column(scale=1):
                 status = gr.Markdown("Ready.", label="Status", elem_id="status")
                 with gr.Tabs():
@@ -449,7 +664,8 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
             gr.Examples([[[e]] for e in examples], inputs=[face_files], label="Example faces (tiny)")
 
         option_inputs = [prompt, negative, style, steps, guidance, cn_scale, ip_scale, seed, num_images]
-        option_inputs += [scheduler, fast, enhance]
+        option_inputs += [scheduler, fast, enhance, inpaint_strength, face_detail, lora]
+        extra_uploads = [target, person2, person3]
 
         def _bar(progress):
             return lambda done, total, desc: progress((done, total), desc=desc)
@@ -461,14 +677,16 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
             return gallery_value, None, None, _status(text, False)
 
         # Named parameters: they are the API's names (gradio_client: predict(..., prompt=..., api_name=...)).
+        # The new uploads come last with None defaults: optional for gradio_client (older calls keep working).
         def run(
             face_files, face_info, pose, prompt, negative_prompt, style, steps, guidance_scale,
             controlnet_conditioning_scale, ip_adapter_scale, seed, num_images, scheduler, fast,
-            enhance_face_region, progress=gr.Progress(),
+            enhance_face_region, inpaint_strength, face_detail, lora, target=None, person2=None, person3=None,
+            progress=gr.Progress(),
         ):  # fmt: skip
             options = {k: v for k, v in locals().items() if k in DEFAULT_OPTIONS}
             try:
-                cond = studio.condition(face_files, face_info, pose)
+                cond = studio.condition(face_files, face_info, pose, target, [person2, person3])
                 _, settings = studio.generate(cond, options, progress=_bar(progress))
             except Exception as exc:
                 return _failed(exc, [])
@@ -478,7 +696,8 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
         def compare(
             face_files, face_info, pose, weights, prompt, negative_prompt, style, steps, guidance_scale,
             controlnet_conditioning_scale, ip_adapter_scale, seed, num_images, scheduler, fast,
-            enhance_face_region, progress=gr.Progress(),
+            enhance_face_region, inpaint_strength, face_detail, lora, target=None, person2=None, person3=None,
+            progress=gr.Progress(),
         ):  # fmt: skip
             options = {k: v for k, v in locals().items() if k in DEFAULT_OPTIONS}
             try:
@@ -486,7 +705,7 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
                 missing = [x for x in weights or [] if x not in by_label]
                 if missing:
                     raise FaceInputError(f"{', '.join(missing)} no longer in the run folder: rescan")
-                cond = studio.condition(face_files, face_info, pose)
+                cond = studio.condition(face_files, face_info, pose, target, [person2, person3])
                 chosen = [by_label[x] for x in weights or []]
                 _, settings = studio.compare(cond, options, chosen, progress=_bar(progress))
             except Exception as exc:
@@ -506,7 +725,7 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
         outputs = [kps_view, settings_view, status]
         run_btn.click(
             run,
-            [face_files, face_info, pose, *option_inputs],
+            [face_files, face_info, pose, *option_inputs, *extra_uploads],
             [gallery, *outputs],
             api_name="generate",
             concurrency_id="pipeline",
@@ -514,7 +733,7 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
         )
         cmp_btn.click(
             compare,
-            [face_files, face_info, pose, picked, *option_inputs],
+            [face_files, face_info, pose, picked, *option_inputs, *extra_uploads],
             [cmp_gallery, *outputs],
             api_name="compare",
             concurrency_id="pipeline",

@@ -1,18 +1,21 @@
 """Face conditioning from uploaded files: one or several photos of a person and/or a face-info file give the
 identity (one embedding each; the pipeline averages them), an optional pose photo gives the keypoints and the
 output size (its largest face), and every problem becomes a :class:`FaceInputError` whose message names the file.
+
+:func:`arrange` adds the inference modes: a target photo (the person is inpainted into its largest face, output
+size = the target's) or further people (each with their own embedding, keypoints and face box in the output).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
 
 from faceid.face.face_info import FaceInfoError, load_face_info
-from faceid.face.images import MAX_PIXELS, ImageLoadError, load_image
+from faceid.face.images import MAX_PIXELS, ImageLoadError, load_image, to_bgr
 from faceid.face.kps import draw_kps, fit_size, scale_kps
 
 
@@ -31,9 +34,28 @@ class FaceCondition:
     sources: list[str] = field(default_factory=list)  # the references used, in order
     pose_source: str = ""
     notes: list[str] = field(default_factory=list)  # what the user should know (skipped photos, ...)
+    target: Image.Image | None = None  # inpainting: the photo whose face (bbox, kps above) is replaced
+    target_source: str = ""
+    # Several people: one dict per person, the first being the one above:
+    # {"embeddings": [N, 512], "kps": [5, 2] or None (estimated from the box), "bbox": [4], "source": str}
+    people: list[dict] = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.target is not None else "people" if len(self.people) > 1 else "single"
 
     @property
     def kps_image(self) -> Image.Image:
+        if self.mode == "people":
+            from faceid.face.regions import kps_from_bbox
+
+            drawn = [
+                np.asarray(
+                    draw_kps(self.size, p["kps"] if p["kps"] is not None else kps_from_bbox(p["bbox"]))
+                )
+                for p in self.people
+            ]
+            return Image.fromarray(np.maximum.reduce(drawn))
         return draw_kps(self.size, self.kps)
 
     def face_mask(self) -> Image.Image | None:
@@ -160,3 +182,94 @@ def face_condition(
         pose_source=pose_source,
         notes=notes,
     )
+
+
+def _person(path, analyzer, max_pixels: int, label: str):
+    """The largest face of one upload (a path or a one-element list) → ``(face, name, image)``."""
+    files = _files(path)
+    name = display_name(files[0])
+    try:
+        image = read_upload_image(files[0], max_pixels)
+    except FaceInputError as exc:
+        raise FaceInputError(f"{label} {exc}") from exc
+    return _largest_face(analyzer, image, f"{label} {name}"), name, image
+
+
+def side_by_side_boxes(size: tuple[int, int], count: int) -> list[np.ndarray]:
+    """``count`` face boxes in equal columns of a ``size`` (W, H) picture, each half the column wide (at most
+    half the height), centred in its column, at 40 % of the height: where people stand side by side."""
+    w, h = size
+    col = w / count
+    side = min(col, h) * 0.5
+    cy = 0.4 * h
+    return [
+        np.array([(i + 0.5) * col - side / 2, cy - side / 2, (i + 0.5) * col + side / 2, cy + side / 2])
+        for i in range(count)
+    ]
+
+
+def arrange(
+    cond: FaceCondition,
+    *,
+    target=None,
+    people_files=(),
+    pose=None,
+    analyzer,
+    max_pixels: int = MAX_PIXELS,
+) -> FaceCondition:
+    """``cond`` with a target photo (inpainting) or further people (``people_files``: one upload per person,
+    person 2, 3, ...). People take the largest faces of the ``pose`` photo (largest first) when it is given,
+    side-by-side boxes otherwise. A target photo works with one person only."""
+    get = analyzer if callable(analyzer) and not hasattr(analyzer, "analyze_full") else (lambda: analyzer)
+    others = [f for f in people_files if _files(f)]
+    if target is not None and _files(target):
+        if others:
+            raise FaceInputError(
+                "a target photo works with one person: remove the second/third person's photo"
+            )
+        face, name, image = _person(target, get(), max_pixels, "target photo")
+        notes = list(cond.notes)
+        if pose:
+            notes.append("the pose photo is not used with a target photo (the target's face gives the pose)")
+        if face.num_faces > 1:
+            notes.append(f"target photo {name}: {face.num_faces} faces, the largest one is replaced")
+        return replace(
+            cond,
+            kps=np.asarray(face.kps, np.float64),
+            bbox=np.asarray(face.bbox, np.float64),
+            size=image.size,
+            pose_source=name,
+            target=image,
+            target_source=name,
+            notes=notes,
+        )
+    if not others:
+        return cond
+    people = [{"embeddings": cond.embeddings, "source": ", ".join(cond.sources)}]
+    for k, path in enumerate(others, start=2):
+        face, name, _ = _person(path, get(), max_pixels, f"person {k} photo")
+        people.append({"embeddings": np.asarray(face.embedding, np.float32)[None], "source": name})
+    if pose:
+        image = read_upload_image(_files(pose)[0], max_pixels)
+        det = get().detect(to_bgr(image))
+        if len(det.bboxes) < len(people):
+            raise FaceInputError(
+                f"pose photo {display_name(_files(pose)[0])}: {len(det.bboxes)} face(s) for {len(people)} "
+                "people; use a photo with a face per person, or no pose photo (side by side)"
+            )
+        b = np.asarray(det.bboxes, np.float64)
+        order = np.argsort(-(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), kind="stable")[: len(people)]
+        frame = image.size
+        for person, i in zip(people, order):
+            person["bbox"] = scale_kps(b[i].reshape(2, 2), frame, cond.size).reshape(4)
+            person["kps"] = scale_kps(np.asarray(det.kpss[i], np.float64), frame, cond.size)
+    else:
+        for person, box in zip(people, side_by_side_boxes(cond.size, len(people))):
+            person["bbox"], person["kps"] = box, None
+    first = people[0]
+    kps = first["kps"]
+    if kps is None:
+        from faceid.face.regions import kps_from_bbox
+
+        kps = kps_from_bbox(first["bbox"])
+    return replace(cond, people=people, kps=np.asarray(kps, np.float64), bbox=first["bbox"])

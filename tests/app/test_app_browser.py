@@ -130,6 +130,38 @@ def test_bad_uploads_show_a_message_and_the_app_keeps_serving(client, photos, tm
     assert status.startswith("**Done.**") and len(gallery) == 1 and settings["seed"] == 5
 
 
+def test_target_photo_and_a_second_person_through_gradio_client(client, photos):
+    from gradio_client import handle_file
+
+    gallery, _, settings, status = _generate(client, [photos["a"]], target=handle_file(str(photos["pose"])))
+    assert status.startswith("**Done.** 1 image(s), 320x192"), status
+    assert settings["mode"] == "inpaint" and settings["target"] == "pose.png"
+    target = np.asarray(Image.open(photos["pose"]).convert("RGB"))
+    out = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
+    np.testing.assert_array_equal(out[:, :150], target[:, :150])  # left of the face: the target's pixels
+    for upload, message in (
+        (dict(target=photos["no_face"]), "target photo blank.png: no face found"),
+        (dict(person2=photos["not_image"]), "person 2 photo notes.png: not an image"),
+    ):
+        gallery, _, settings, status = _generate(
+            client, [photos["a"]], **{k: handle_file(str(v)) for k, v in upload.items()}
+        )
+        assert status.startswith("**Cannot generate:**") and message in status, status
+        assert gallery == [] and settings is None
+    gallery, _, settings, status = _generate(
+        client,
+        [photos["a"]],
+        pose=handle_file(str(photos["two"])),
+        person2=handle_file(str(photos["b"])),
+        face_detail=True,
+    )
+    assert status.startswith("**Done.**") and len(gallery) == 1, status
+    assert settings["mode"] == "people" and [p["references"] for p in settings["people"]] == [
+        "a.png",
+        "b.png",
+    ]
+
+
 def test_checkpoint_comparison_through_gradio_client(client, photos):
     from gradio_client import handle_file
 
@@ -175,6 +207,10 @@ def test_page_in_headless_chromium(server, photos, tmp_path):
         for label in labels + (
             "Fast mode (LCM)",
             "Enhance non-face region",
+            "Target photo, several people",
+            "Target photo strength",
+            "Face detail pass",
+            "LoRA (optional)",
             "Generate",
             "Compare checkpoints",
         ):

@@ -259,3 +259,187 @@ def test_fast_mode_loads_the_lcm_lora_once_then_switches_it_on_and_off(tmp_path)
     assert pipe.calls == [("load", str(lora), "lcm")]  # tried once, never switched
     missing = app.Studio(app.parse_args(["--lcm_lora", str(tmp_path / "none.safetensors")]))
     assert missing._set_fast(LoraRecorder(), True).startswith("no LCM-LoRA at ")
+
+
+# ------------------------------------------------------------------------ target photo, people, LoRA, detail
+
+
+def test_target_photo_inpaints_its_face_and_keeps_every_pixel_outside(studio, analyzer, photos):
+    from faceid.face.regions import expand_bbox
+
+    target = Image.open(photos["pose"]).convert("RGB")
+    cond = studio.condition([photos["a"]], target=photos["pose"], pose=photos["two"])
+    assert cond.mode == "inpaint" and cond.size == target.size == (320, 192)
+    assert any("pose photo is not used" in n for n in cond.notes)
+    face = analyzer.analyze(target)
+    np.testing.assert_allclose(cond.bbox, face.bbox, atol=1e-4)
+    images, settings = studio.generate(cond, _opts(steps=3, inpaint_strength=0.9))
+    out, ref = np.asarray(images[0]).astype(int), np.asarray(target).astype(int)
+    assert out.shape == ref.shape
+    # Every pixel outside the face box grown 1.3x (where face_inpaint's feathered mask is 0) is the target's;
+    # the face itself was regenerated.
+    x1, y1, x2, y2 = expand_bbox(face.bbox, 1.3, target.size)
+    outside = np.ones(ref.shape[:2], bool)
+    outside[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))] = False
+    assert outside.sum() > 0.4 * outside.size
+    np.testing.assert_array_equal(out[outside], ref[outside])
+    fx1, fy1, fx2, fy2 = face.bbox.astype(int)
+    assert (
+        np.abs(
+            out[fy1 + 10 : fy2 - 10, fx1 + 10 : fx2 - 10] - ref[fy1 + 10 : fy2 - 10, fx1 + 10 : fx2 - 10]
+        ).mean()
+        > 2
+    )
+    saved = json.loads((Path(settings["output_dir"]) / "settings.json").read_text())
+    assert saved["mode"] == "inpaint" and saved["target"] == "pose.png" and saved["inpaint_strength"] == 0.9
+    assert saved["width"] == 320 and saved["height"] == 192
+    assert saved["target_face_bbox"] == [round(float(v), 1) for v in face.bbox]
+    for key in ("face_detail", "lora", "offload", "vae_slicing", "vae_tiling", "people", "inpaint_size"):
+        assert key in saved, key
+
+
+def test_two_people_differ_from_one_and_from_the_swapped_order(studio, analyzer, photos):
+    one = studio.condition([photos["a"]], pose=photos["two"])
+    two = studio.condition([photos["a"]], pose=photos["two"], people=[photos["b"], None])
+    swapped = studio.condition([photos["b"]], pose=photos["two"], people=[photos["a"]])
+    assert (one.mode, two.mode, swapped.mode) == ("single", "people", "people")
+    # Person 1 gets the larger face of two.png (150..290 x 30..170, scaled to the output), person 2 the other.
+    sx, sy = two.size[0] / 320, two.size[1] / 200
+    np.testing.assert_allclose(two.people[0]["bbox"], [150 * sx, 30 * sy, 290 * sx, 170 * sy], atol=2)
+    np.testing.assert_allclose(two.people[1]["bbox"], [20 * sx, 40 * sy, 100 * sx, 120 * sy], atol=2)
+    fb = analyzer.analyze(Image.open(photos["b"]).convert("RGB"))
+    np.testing.assert_allclose(two.people[1]["embeddings"][0], fb.embedding, rtol=1e-5)
+    np.testing.assert_array_equal(two.people[0]["embeddings"], one.embeddings)
+    kwargs = app.call_kwargs(two, app.check_options(_opts()))
+    assert len(kwargs["faces"]) == 2 and "image_embeds" not in kwargs
+    assert np.asarray(kwargs["faces"][0]["mask"]).shape == (two.size[1], two.size[0])
+    out = {}
+    for name, cond in (("one", one), ("two", two), ("swapped", swapped)):
+        images, settings = studio.generate(cond, _opts(steps=3, face_detail=True))
+        out[name] = np.asarray(images[0]).astype(int)
+        assert images[0].size == cond.size
+    assert settings["mode"] == "people" and [p["references"] for p in settings["people"]] == [
+        "b.png",
+        "a.png",
+    ]
+    assert any("face detail is not used with several people" in n for n in settings["notes"])
+    assert np.abs(out["one"] - out["two"]).mean() > 0.5
+    assert np.abs(out["two"] - out["swapped"]).mean() > 0.5
+    # No pose photo: side by side, person 1 on the left.
+    side = studio.condition([photos["a"]], people=[photos["b"]])
+    (l1, _, r1, _), (l2, _, r2, _) = (p["bbox"] for p in side.people)
+    assert r1 <= side.size[0] / 2 <= l2 and side.people[0]["kps"] is None
+    images, _ = studio.generate(side, _opts(steps=2))
+    assert images[0].size == side.size
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("target_not_image", r"target photo notes\.png: not an image"),
+        ("target_no_face", r"target photo blank\.png: no face found"),
+        ("person_not_image", r"person 2 photo notes\.png: not an image"),
+        ("person_no_face", r"person 3 photo blank\.png: no face found"),
+        ("target_and_people", r"a target photo works with one person"),
+        ("pose_too_few_faces", r"pose photo pose\.png: 1 face\(s\) for 2 people"),
+    ],
+)
+def test_bad_uploads_for_the_new_inputs_are_refused_with_a_message(studio, photos, kind, message):
+    p = photos
+    calls = {
+        "target_not_image": dict(target=p["not_image"]),
+        "target_no_face": dict(target=p["no_face"]),
+        "person_not_image": dict(people=[p["not_image"]]),
+        "person_no_face": dict(people=[p["b"], p["no_face"]]),
+        "target_and_people": dict(target=p["pose"], people=[p["b"]]),
+        "pose_too_few_faces": dict(pose=p["pose"], people=[p["b"]]),
+    }
+    with pytest.raises(FaceInputError, match=message):
+        studio.condition([p["a"]], **calls[kind])
+
+
+def _make_lora(base_model, path):
+    """The pipeline tests' tiny LoRA (one definition: tests/inference/test_pipeline_features.py)."""
+    import importlib.util
+
+    src = Path(__file__).parents[1] / "inference" / "test_pipeline_features.py"
+    spec = importlib.util.spec_from_file_location("_pipeline_features_for_app", src)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_lora(base_model, path)
+
+
+def test_lora_is_loaded_once_per_spec_and_unloaded_without_reloading_the_base(
+    studio, photos, tiny_paths, tmp_path
+):
+    lora = _make_lora(tiny_paths["base_model"], tmp_path / "lora")
+    cond = studio.condition([photos["a"]])
+    base_before = studio.cache.base_loads
+    plain, _ = studio.generate(cond, _opts())
+    with_lora, settings = studio.generate(cond, _opts(lora=f"{lora}:0.9"))
+    again, _ = studio.generate(cond, _opts(lora=f"{lora}:0.9"))
+    assert studio.lora_loads == 1 and settings["lora"] == f"{lora}:0.9" and settings["lora_loaded"]
+    assert settings["loads"]["lora_loads"] == 1
+    assert np.abs(np.asarray(plain[0]).astype(int) - np.asarray(with_lora[0]).astype(int)).max() > 0
+    np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(with_lora[0]))
+    weaker, _ = studio.generate(cond, _opts(lora=f"{lora}:0.3"))
+    assert studio.lora_loads == 2 and not np.array_equal(np.asarray(weaker[0]), np.asarray(with_lora[0]))
+    cleared, settings = studio.generate(cond, _opts(lora=""))
+    assert studio.lora == "" and settings["lora_loaded"] is None
+    np.testing.assert_allclose(np.asarray(cleared[0], np.float32), np.asarray(plain[0], np.float32), atol=1)
+    with pytest.raises(FaceInputError, match="LoRA not found"):
+        studio.generate(cond, _opts(lora=str(tmp_path / "none.safetensors")))
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FaceInputError, match="broken.safetensors not loaded"):
+        studio.generate(cond, _opts(lora=str(tmp_path / "broken.safetensors")))
+    after, _ = studio.generate(cond, _opts())
+    np.testing.assert_allclose(np.asarray(after[0], np.float32), np.asarray(plain[0], np.float32), atol=1)
+    assert studio.cache.base_loads == base_before == 1 and studio.base_loads_seen == ["base"]
+
+
+def test_face_detail_regenerates_the_face_and_keeps_the_size(studio, photos):
+    cond = studio.condition([photos["a"]], pose=photos["pose"])
+    seen = []
+    plain, _ = studio.generate(cond, _opts(steps=4))
+    detail, settings = studio.generate(
+        cond, _opts(steps=4, face_detail=True), progress=lambda d, t, _: seen.append((d, t))
+    )
+    assert detail[0].size == plain[0].size == cond.size
+    assert not np.array_equal(np.asarray(detail[0]), np.asarray(plain[0]))
+    assert settings["face_detail"] is True and settings["face_detail_strength"] == app.FACE_DETAIL_STRENGTH
+    assert seen[-1][0] == seen[-1][1] == 4 + int(4 * app.FACE_DETAIL_STRENGTH)
+
+
+def test_memory_presets_are_applied_at_load_and_recorded(tiny_dir, photos, tmp_path):
+    args = app.parse_args(["--tiny", str(tiny_dir), "--offload", "model", "--vae_slicing", "--vae_tiling"])
+    args.output_dir = str(tmp_path)
+    app.apply_tiny(args)
+    studio = app.Studio(args)
+    images, settings = studio.generate(studio.condition([photos["a"]]), _opts())
+    pipe = studio.cache.pipe
+    assert pipe.vae.use_slicing and pipe.vae.use_tiling and hasattr(pipe.unet, "_hf_hook")
+    assert (settings["offload"], settings["vae_slicing"], settings["vae_tiling"]) == ("model", True, True)
+    assert images[0].size == (64, 64) and np.asarray(images[0]).std() > 0
+
+
+def test_user_lora_and_the_lcm_lora_are_active_together_only_in_fast_mode(
+    tiny_dir, photos, tiny_paths, tmp_path
+):
+    user = _make_lora(tiny_paths["base_model"], tmp_path / "user")
+    lcm = _make_lora(tiny_paths["base_model"], tmp_path / "lcm")
+    args = app.parse_args(["--tiny", str(tiny_dir), "--lcm_lora", str(lcm)])
+    args.output_dir = str(tmp_path / "out")
+    app.apply_tiny(args)
+    studio = app.Studio(args)
+    cond = studio.condition([photos["a"]])
+    _, settings = studio.generate(cond, _opts(fast=True, lora=f"{user}:0.5"))
+    pipe = studio.cache.pipe
+    assert settings["lcm_lora"] is True and sorted(pipe.get_active_adapters()) == ["lcm", "lora0"]
+    studio.generate(cond, _opts(fast=False, lora=f"{user}:0.5"))
+    assert pipe.get_active_adapters() == ["lora0"]
+    # Clearing the user's LoRA unloads every LoRA; fast mode loads the LCM-LoRA again when next used.
+    studio.generate(cond, _opts(fast=False, lora=""))
+    assert studio.lcm is None and not pipe.get_list_adapters()
+    _, settings = studio.generate(cond, _opts(fast=True))
+    assert settings["lcm_lora"] is True and pipe.get_active_adapters() == ["lcm"]
+    assert studio.cache.base_loads == 1

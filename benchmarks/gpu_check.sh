@@ -13,4 +13,8 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # fewer allocator retries on large real-size blocks; harmless on CPU
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-exec "${PYTHON:-python}" benchmarks/gpu_check.py "$@"
+# $PYTHON, else the environment `make install` made, else whatever python is on PATH
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+exec "$PYTHON" benchmarks/gpu_check.py "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,7 @@ def test_table_format():
 def test_shell_entry_point_passes_arguments():
     res = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--help"],
+        env={**os.environ, "PYTHON": sys.executable},  # the interpreter running the tests (CI's venv)
         capture_output=True,
         text=True,
         timeout=120,

@@ -142,18 +142,17 @@ def parse_args(argv=None):
 def apply_tiny(args) -> list[str]:
     """Point the paths left at their defaults into the tiny build, use its sizes; return example face photos."""
     from faceid.tiny.faces import write_synthetic_face
-    from faceid.tiny.models import build_tiny, tiny_paths
+    from faceid.tiny.models import point_defaults_at_tiny
 
-    paths = tiny_paths(args.tiny)
-    build_tiny(args.tiny)
-    for attr, default, key in (
-        ("base_model", BASE_MODEL_PATH, "base_model"),
-        ("controlnet", CONTROLNET_PATH, "controlnet"),
-        ("face_adapter", FACE_ADAPTER, "face_adapter"),
-        ("face_root", FACE_ROOT, "face_root"),
-    ):
-        if getattr(args, attr) == default:
-            setattr(args, attr, str(paths[key]))
+    point_defaults_at_tiny(
+        args,
+        {
+            "base_model": BASE_MODEL_PATH,
+            "controlnet": CONTROLNET_PATH,
+            "face_adapter": FACE_ADAPTER,
+            "face_root": FACE_ROOT,
+        },
+    )
     if args.lcm_lora == LCM_LORA:
         args.lcm_lora = str(Path(args.tiny) / "checkpoints" / "lcm-lora" / "pytorch_lora_weights.safetensors")
     if (args.min_side, args.max_side) == (MIN_SIDE, MAX_SIDE):
@@ -573,30 +572,21 @@ def build_ui(studio: Studio, examples: list[str] | None = None):
         )
         with gr.Row():
             with gr.Column(scale=1):
-                face_files = gr.File(
-                    label="Photos of the person (one or several)",
-                    file_count="multiple",
-                    height=150,
-                    elem_id="face-files",
+
+                def upload(label, elem_id, height=110, **kw):
+                    return gr.File(label=label, height=height, elem_id=elem_id, **kw)
+
+                face_files = upload(
+                    "Photos of the person (one or several)", "face-files", 150, file_count="multiple"
                 )
                 with gr.Row():
-                    face_info = gr.File(
-                        label="…or a face-info file (.pkl / .npz)", height=130, elem_id="face-info"
-                    )
-                    pose = gr.File(label="Pose photo (optional)", height=130, elem_id="pose")
+                    face_info = upload("…or a face-info file (.pkl / .npz)", "face-info", 130)
+                    pose = upload("Pose photo (optional)", "pose", 130)
                 with gr.Accordion("Target photo, several people", open=False):
-                    target = gr.File(
-                        label="Target photo (optional): the person replaces its largest face",
-                        height=110,
-                        elem_id="target",
-                    )
+                    target = upload("Target photo (optional): the person replaces its largest face", "target")
                     with gr.Row():
-                        person2 = gr.File(
-                            label="Second person's photo (optional)", height=110, elem_id="person2"
-                        )
-                        person3 = gr.File(
-                            label="Third person's photo (optional)", height=110, elem_id="person3"
-                        )
+                        person2 = upload("Second person's photo (optional)", "person2")
+                        person3 = upload("Third person's photo (optional)", "person3")
                 prompt = gr.Textbox(label="Prompt", value=PROMPT, lines=2, elem_id="prompt")
                 style = gr.Dropdown(list(STYLES), value=NO_STYLE, label="Style")
                 negative = gr.Textbox(label="Negative prompt", value=NEGATIVE_PROMPT, lines=2)

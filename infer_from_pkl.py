@@ -170,19 +170,18 @@ def parse_args(argv=None):
 
 def apply_tiny(args) -> None:
     """Point every path at the tiny checkpoints and make a synthetic face when none is given."""
-    from faceid.tiny.models import build_tiny, tiny_paths
+    from faceid.tiny.models import point_defaults_at_tiny
 
-    paths = tiny_paths(args.tiny)
-    build_tiny(args.tiny)
     # Only paths left at their defaults point into DIR: a trained --face_adapter/--controlnet is kept.
-    for attr, default, key in (
-        ("base_model", BASE_MODEL_PATH, "base_model"),
-        ("controlnet", CONTROLNET_PATH, "controlnet"),
-        ("face_adapter", FACE_ADAPTER, "face_adapter"),
-        ("face_root", ".", "face_root"),
-    ):
-        if getattr(args, attr) == default:
-            setattr(args, attr, str(paths[key]))
+    point_defaults_at_tiny(
+        args,
+        {
+            "base_model": BASE_MODEL_PATH,
+            "controlnet": CONTROLNET_PATH,
+            "face_adapter": FACE_ADAPTER,
+            "face_root": ".",
+        },
+    )
     if args.face_image == FACE_IMAGE:
         from faceid.face.face_info import save_face_info
         from faceid.tiny.faces import synthetic_face_array, write_synthetic_face

@@ -323,3 +323,16 @@ def build_tiny(out_dir: str | os.PathLike, seed: int = 0, faces: bool = True) ->
         build_tiny_antelopev2(paths["antelopev2"])
     marker.write_text("ok\n")
     return paths
+
+
+def point_defaults_at_tiny(args, defaults: dict) -> dict:
+    """``--tiny DIR`` of a script: build the tiny checkpoints in ``args.tiny`` and point every path attribute still
+    at its default (``defaults``: attribute → default value; attributes ``base_model``, ``controlnet``,
+    ``face_adapter``, ``face_root``) into it. A trained ``--face_adapter``/``--controlnet`` given explicitly is
+    kept. Returns :func:`tiny_paths`."""
+    paths = tiny_paths(args.tiny)
+    build_tiny(args.tiny)
+    for attr, default in defaults.items():
+        if getattr(args, attr) == default:
+            setattr(args, attr, str(paths[attr]))
+    return paths

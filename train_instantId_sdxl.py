@@ -98,6 +98,9 @@ def parse_args(argv=None):
     g.add_argument("--aspect_ratio_buckets", action="store_true", help="SDXL buckets scaled to --resolution")
     g.add_argument("--bucket_multiple", type=int, default=None)
     g.add_argument("--text_drop_rate", type=float, default=0.05)
+    g.add_argument("--text_drop_zeros", action=B, default=True,
+                   help="a dropped caption becomes zero text embeddings, the unconditional input SDXL was trained "
+                        "with and its pipeline gives CFG (--no-text_drop_zeros: encode the empty caption)")  # fmt: skip
     g.add_argument("--face_drop_rate", type=float, default=0.05)
     g.add_argument("--both_drop_rate", type=float, default=0.05)
     g.add_argument("--dataloader_num_workers", type=int, default=0)

@@ -1,9 +1,10 @@
 """The papers' claims in the miniature world, measured with the repository's trainer (CPU, a few minutes each).
 
-    python benchmarks/bench_identity.py identity    [--steps 100] [--lr 1e-2] [--seeds 0 1 2] [--gen_steps 12]
+    python benchmarks/bench_identity.py identity    [--steps 600] [--lr 3e-3] [--seeds 0 1 2] [--gen_steps 12]
                                                     [--ip_scale 0.8]
-    python benchmarks/bench_identity.py crossfaceid [--steps 100]
-    python benchmarks/bench_identity.py faceid6m    [--steps 100]
+    python benchmarks/bench_identity.py crossfaceid [--steps 600]
+    python benchmarks/bench_identity.py faceid6m    [--steps 600]
+    python benchmarks/bench_identity.py id_loss     [--id_loss_weight 0.1]
     python benchmarks/bench_identity.py all --json docs/miniature.json --plot docs/miniature.png
 
 * identity: Face Sim (tiny recognizer) of images generated with a held-out reference photo's embedding vs that
@@ -13,6 +14,7 @@
 * crossfaceid: same-image training vs ``--cross_id`` on the same photos; prompts asking for the other glasses /
   expression / background than the reference photo's: attribute following vs copy-paste, and Face Sim.
 * faceid6m: Face Sim on persons never trained on after the same steps on 1x, 4x, 16x as many photos.
+* id_loss: the identity benchmark's working trainer with and without ``--id_loss_weight`` (issue 13), per seed.
 
 Every run starts from ``download.py --tiny`` (built into a temp folder unless ``--tiny DIR``).
 """
@@ -100,7 +102,16 @@ def run_identity(
     return rows
 
 
-def run_crossfaceid(paths, work: Path, steps: int, seed: int, rec) -> list[dict]:
+def run_id_loss(paths, work: Path, steps: int, seeds, rec, weight: float, extra=()) -> list[dict]:
+    flags = ("--id_loss_weight", str(weight), "--id_loss_recognizer", str(paths["antelopev2"] / "glintr100.onnx"))
+    rows = []
+    for name, more in (("without", ()), (f"--id_loss_weight {weight}", flags)):
+        for r in run_identity(paths, work / f"idl_{len(more)}", steps, seeds, rec, ("ok",), (*extra, *more)):
+            rows.append({"identity loss": name, **{k: v for k, v in r.items() if k != "trainer"}})
+    return rows
+
+
+def run_crossfaceid(paths, work: Path, steps: int, seed: int, rec, extra=()) -> list[dict]:
     data = C.write_world_dataset(work / "cf_data", TRAIN_PERSONS, 4, rec, seed=3)
     ref_photos, _, ref_emb = C.references(TRAIN_PERSONS, rec, seed=4)
     rows = [
@@ -109,22 +120,22 @@ def run_crossfaceid(paths, work: Path, steps: int, seed: int, rec) -> list[dict]
             **_strip(C.attribute_scores(pipe_for(paths), rec, ref_photos, ref_emb, seed)),
         }
     ]
-    for name, extra in (("same image", ()), ("--cross_id", ("--cross_id",))):
+    for name, flags in (("same image", ()), ("--cross_id", ("--cross_id",))):
         out = work / f"cf_{name.strip('-').replace(' ', '_')}"
-        train(C.train_args(paths, data, out, steps, seed, *extra))
+        train(C.train_args(paths, data, out, steps, seed, *flags, *extra))
         res = C.attribute_scores(pipe_for(paths, out), rec, ref_photos, ref_emb, seed)
         rows.append({"training": name, **_strip(res)})
     return rows
 
 
-def run_faceid6m(paths, work: Path, steps: int, seed: int, rec, scales=(1, 4, 16)) -> list[dict]:
+def run_faceid6m(paths, work: Path, steps: int, seed: int, rec, extra=(), scales=(1, 4, 16)) -> list[dict]:
     ref_photos, _, ref_emb = C.references(HELD_OUT, rec, seed=6)
     rows = []
     for k in scales:
         persons = list(range(4 * k))  # 2 photos each: 8, 32, 128 photos
         data = C.write_world_dataset(work / f"f6_data_{k}", persons, 2, rec, seed=5)
         out = work / f"f6_{k}"
-        train(C.train_args(paths, data, out, steps, seed, "--cross_id"))
+        train(C.train_args(paths, data, out, steps, seed, "--cross_id", *extra))
         res = C.identity_scores(pipe_for(paths, out), rec, ref_photos, ref_emb, seed)
         rows.append({"data": f"{k}x", "photos": len(data.photos), "persons": len(persons), "steps": steps,
                      "held_out_same": res["same"], "held_out_different": res["different"],
@@ -193,17 +204,20 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("claim", choices=["identity", "crossfaceid", "faceid6m", "all"])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("claim", choices=["identity", "crossfaceid", "faceid6m", "id_loss", "all"])
+    p.add_argument("--steps", type=int, default=C.IDENTITY_STEPS)
+    p.add_argument("--lr", type=float, default=C.LEARNING_RATE)
     p.add_argument(
         "--train_identitynet", action="store_true", help="also train IdentityNet (default: adapter only)"
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--gen_steps", type=int, default=C.GEN_STEPS, help="sampling steps of each generation")
     p.add_argument("--ip_scale", type=float, default=C.IP_SCALE, help="ip_adapter_scale at generation")
+    p.add_argument("--id_loss_weight", type=float, default=0.1, help="the id_loss claim's weight")
+    p.add_argument("--trainer_flags", default="", help="more flags for every training run, e.g. '--snr_gamma 5'")
     p.add_argument("--tiny", default=None, help="tiny checkpoints folder (default: built in a temp folder)")
     p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--from_json", nargs="+", default=None, help="print and plot earlier --json files (no runs)")
     p.add_argument("--plot", default=None, help="write the plot PNG here")
     args = p.parse_args(argv)
     import logging
@@ -214,9 +228,18 @@ def main(argv=None):
     logging.disable(logging.WARNING)
     from faceid.tiny.models import build_tiny
 
+    if args.from_json:
+        results = {}
+        for f in args.from_json:
+            results.update(json.loads(Path(f).read_text()))
+        for claim, rows in results.items():
+            print(table(rows, claim))
+        if args.plot:
+            plot(results, Path(args.plot))
+        return results
     C.LEARNING_RATE = args.lr
     C.GEN_STEPS, C.IP_SCALE = args.gen_steps, args.ip_scale
-    extra = () if args.train_identitynet else ("--no-train_identitynet",)
+    extra = (() if args.train_identitynet else ("--no-train_identitynet",)) + tuple(args.trainer_flags.split())
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -228,9 +251,11 @@ def main(argv=None):
             if claim == "identity":
                 rows = run_identity(paths, tmp, args.steps, args.seeds, rec, extra=extra)
             elif claim == "crossfaceid":
-                rows = run_crossfaceid(paths, tmp, args.steps, args.seeds[0], rec)
+                rows = run_crossfaceid(paths, tmp, args.steps, args.seeds[0], rec, extra)
+            elif claim == "id_loss":
+                rows = run_id_loss(paths, tmp, args.steps, args.seeds, rec, args.id_loss_weight, extra)
             else:
-                rows = run_faceid6m(paths, tmp, args.steps, args.seeds[0], rec)
+                rows = run_faceid6m(paths, tmp, args.steps, args.seeds[0], rec, extra)
             results[claim] = rows
             print(table(rows, f"{claim} ({time.time() - t0:.0f} s)"), flush=True)
             if args.json:

@@ -31,6 +31,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WORLD_PARTS = ("vae", "unet")
 TEXT_HIDDEN = 32  # each text encoder; UNet cross-attention width = 2 * TEXT_HIDDEN
 TIME_EMBED = 8
+ZERO_CONV_STD = 0.005  # the tiny IdentityNet's zero-convs (see _randomise_zero_convs)
+QUIET_TOKENS = 0.1  # the untrained tiny Resampler's output scale (see build_tiny_adapter)
 TINY_RESAMPLER = dict(dim=64, depth=1, dim_head=64, heads=1, num_queries=4, embedding_dim=512, ff_mult=2)
 
 # The real SDXL-base UNet configuration (for shape checks on the meta device; no weights).
@@ -108,11 +110,15 @@ def write_tiny_clip_tokenizer(out_dir: str | os.PathLike, pad_token: str = "<|en
 
 
 def _randomise_zero_convs(controlnet, seed: int) -> None:
-    """ControlNet zero-convs start at zero; give the tiny IdentityNet small random outputs so it has an effect."""
+    """ControlNet zero-convs start at zero; give the tiny IdentityNet small random outputs so it has an effect.
+    Small: at 0.05 its face-token-dependent residuals raised the frozen UNet's loss by a third, and adapter
+    training then learned to make the face tokens constant (docs/miniature.md)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in controlnet.named_parameters():
-            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name or "conv_out" in name:
+            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * ZERO_CONV_STD)
+            elif "conv_out" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
@@ -169,8 +175,10 @@ def build_tiny_sdxl(
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        # Cross-attention at both levels (SDXL's first level has none): at 8x8 latents a face spans ~4 cells, at
+        # 4x4 only ~2, too coarse for the face tokens to place an identity (SDXL attends at 64x64 and 32x32).
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 1),
         norm_num_groups=8,
@@ -242,7 +250,9 @@ def build_tiny_identitynet(unet, out_dir: str | os.PathLike, seed: int = 0):
 
 
 def build_tiny_adapter(unet, path: str | os.PathLike, seed: int = 0) -> Path:
-    """An ``ip-adapter.bin`` in the official layout for ``unet`` with random (non-zero) weights."""
+    """An untrained ``ip-adapter.bin`` in the official layout for ``unet``, initialised as IP-Adapter training
+    starts: a random Resampler, IP layers copied from the UNet's ``to_k``/``to_v`` (random IP layers perturb the
+    frozen UNet so much that training first learns to silence the face: docs/miniature.md)."""
     from ip_adapter.resampler import Resampler
     from ip_adapter.weights import install_ip_processors, write_adapter
 
@@ -250,11 +260,10 @@ def build_tiny_adapter(unet, path: str | os.PathLike, seed: int = 0) -> Path:
     cross = unet.config.cross_attention_dim
     resampler = Resampler(output_dim=cross, **TINY_RESAMPLER)
     original = dict(unet.attn_processors)
-    layers = install_ip_processors(unet, num_tokens=TINY_RESAMPLER["num_queries"], init_from_unet=False)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in layers.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    with torch.no_grad():  # quiet face tokens: the untrained adapter barely perturbs the UNet (like zero-convs)
+        resampler.norm_out.weight.mul_(QUIET_TOKENS)
+        resampler.norm_out.bias.mul_(QUIET_TOKENS)
+    layers = install_ip_processors(unet, num_tokens=TINY_RESAMPLER["num_queries"], init_from_unet=True)
     path = write_adapter(path, resampler, layers)
     unet.set_attn_processor(original)
     return path

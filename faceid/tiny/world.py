@@ -261,8 +261,21 @@ def recognizer_arrays(model) -> dict[str, np.ndarray]:
     return out
 
 
-def _recognizer_batch(rng, n, persons, codes, blur: bool = True):
-    """Aligned crops (with photo-level and generation-like perturbations) and person labels."""
+def decoded_like(img: np.ndarray, rng=None, cell_noise: float = 0.0) -> np.ndarray:
+    """What the world's VAE gives back for ``img`` (float RGB [H,W,3]): the 8x8-cell colour means painted back
+    (the constructed VAE's round trip, within 1 grey level), with optional per-cell colour noise of std
+    ``cell_noise`` (the errors of a generated latent)."""
+    h, w, _ = img.shape
+    cells = img.reshape(h // 8, 8, w // 8, 8, 3).mean((1, 3))
+    if rng is not None and cell_noise > 0:
+        cells = cells + rng.normal(0, cell_noise, cells.shape)
+    return cells.repeat(8, 0).repeat(8, 1)
+
+
+def _recognizer_batch(rng, n, persons, codes, blur: bool = True, decoded: float = 0.5):
+    """Aligned crops (with photo-level and generation-like perturbations) and person labels. A share ``decoded``
+    of the photos is seen as the VAE paints it (with per-cell noise), aligned on the face box found in it, as
+    Face Sim reads a generated image: identity must survive what the world's models can draw."""
     import cv2
 
     crops, labels = [], []
@@ -270,12 +283,16 @@ def _recognizer_batch(rng, n, persons, codes, blur: bool = True):
         p = int(rng.choice(persons))
         photo = random_photo(rng, p)
         img = render(photo, codes, seed=int(rng.integers(1 << 31))).astype(np.float32)
-        if blur and rng.random() < 0.7:
+        box = photo.box
+        if rng.random() < decoded:
+            img = np.clip(decoded_like(img, rng, rng.uniform(0, 24)), 0, 255)
+            box = find_face_box(img) or box
+        elif blur and rng.random() < 0.7:
             s = rng.uniform(0.3, 1.4)
             img = cv2.GaussianBlur(img, (0, 0), s)
         img = img + rng.normal(0, rng.uniform(0, 10), img.shape) + rng.uniform(-10, 10, (1, 1, 3))
         img = np.clip(img, 0, 255).astype(np.uint8)
-        kps = box_kps(photo.box) + rng.normal(0, 0.6, (5, 2)).astype(np.float32)
+        kps = box_kps(box) + rng.normal(0, 0.6, (5, 2)).astype(np.float32)
         crops.append(fast_crop(img, kps))
         labels.append(p)
     return crops_to_input(np.stack(crops)), np.array(labels)
@@ -309,8 +326,9 @@ def train_recognizer(steps: int = 300, batch: int = 48, log=print):
     return model.eval()
 
 
-def recognizer_stats(embed, n_persons: int = 24, per: int = 4, seed: int = 5) -> dict:
-    """Same-person and different-person cosine of ``embed`` (crops [N,3,112,112] -> [N,512]) on fresh photos."""
+def recognizer_stats(embed, n_persons: int = 24, per: int = 4, seed: int = 5, decoded: bool = False) -> dict:
+    """Same-person and different-person cosine of ``embed`` (crops [N,3,112,112] -> [N,512]) on fresh photos
+    (``decoded``: on their VAE round trips, aligned on the face box found there, as Face Sim reads generations)."""
     rng = np.random.default_rng(seed)
     codes = person_codes()
     persons = rng.choice(NUM_PERSONS, n_persons, replace=False)
@@ -318,8 +336,11 @@ def recognizer_stats(embed, n_persons: int = 24, per: int = 4, seed: int = 5) ->
     for p in persons:
         for _ in range(per):
             photo = random_photo(rng, int(p))
-            img = render(photo, codes, seed=int(rng.integers(1 << 31)))
-            xs.append(aligned_crop(img, box_kps(photo.box)))
+            img, box = render(photo, codes, seed=int(rng.integers(1 << 31))), photo.box
+            if decoded:
+                img = decoded_like(img.astype(np.float32)).round().astype(np.uint8)
+                box = find_face_box(img) or box
+            xs.append(aligned_crop(img, box_kps(box)))
             ys.append(int(p))
     e = embed(crops_to_input(np.stack(xs)))
     e = e / np.linalg.norm(e, axis=1, keepdims=True)
@@ -657,6 +678,7 @@ def measure_world(root: Path, log=print) -> dict:
         str(paths["antelopev2"] / RECOGNIZER_FILE), providers=["CPUExecutionProvider"]
     )
     res["recognizer"] = recognizer_stats(lambda x: sess.run(None, {"input.1": x})[0])
+    res["recognizer_on_decoded"] = recognizer_stats(lambda x: sess.run(None, {"input.1": x})[0], decoded=True)
     with torch.no_grad():
         res["base_model_following"] = base_model_following(pipe)
     log(json.dumps(res, indent=2))
@@ -669,8 +691,8 @@ def main(argv=None):
     )
     p.add_argument("--out", default=str(WEIGHTS_DIR))
     p.add_argument("--vae_steps", type=int, default=0)
-    p.add_argument("--unet_steps", type=int, default=1200)
-    p.add_argument("--recognizer_steps", type=int, default=300)
+    p.add_argument("--unet_steps", type=int, default=3000)
+    p.add_argument("--recognizer_steps", type=int, default=700)
     p.add_argument("--parts", default="recognizer,vae,unet", help="comma-separated subset to (re)train")
     p.add_argument("--measure", default=None, metavar="DIR", help="only measure the world assembled in DIR")
     args = p.parse_args(argv)

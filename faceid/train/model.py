@@ -255,6 +255,14 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
                 cache.text[c] = (e, p)
         if t0 is not None:
             stats["text_time"] = phase_clock(device, stats) - t0
+    if getattr(args, "text_drop_zeros", False) and "drop_text" in batch:
+        # SDXL learned its unconditional input as zero embeddings (its pipeline's force_zeros_for_empty_prompt
+        # feeds CFG zeros, not the encoded ""): a dropped caption trains that input. The encoded "" is an input
+        # the frozen UNet never saw; the adapter then spends its steps compensating it and stops using the face
+        # (docs/miniature.md).
+        keep = 1.0 - torch.tensor(batch["drop_text"], dtype=prompt_embeds.dtype, device=prompt_embeds.device)
+        prompt_embeds = prompt_embeds * keep[:, None, None].to(prompt_embeds.device)
+        pooled = pooled * keep[:, None].to(pooled.device)
     time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
     added = {"text_embeds": pooled.to(device, weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}
     pred = model(

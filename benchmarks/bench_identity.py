@@ -103,7 +103,12 @@ def run_identity(
 
 
 def run_id_loss(paths, work: Path, steps: int, seeds, rec, weight: float, extra=()) -> list[dict]:
-    flags = ("--id_loss_weight", str(weight), "--id_loss_recognizer", str(paths["antelopev2"] / "glintr100.onnx"))
+    flags = (
+        "--id_loss_weight",
+        str(weight),
+        "--id_loss_recognizer",
+        str(paths["antelopev2"] / "glintr100.onnx"),
+    )
     rows = []
     for name, more in (("without", ()), (f"--id_loss_weight {weight}", flags)):
         for r in run_identity(paths, work / f"idl_{len(more)}", steps, seeds, rec, ("ok",), (*extra, *more)):
@@ -214,10 +219,14 @@ def main(argv=None):
     p.add_argument("--gen_steps", type=int, default=C.GEN_STEPS, help="sampling steps of each generation")
     p.add_argument("--ip_scale", type=float, default=C.IP_SCALE, help="ip_adapter_scale at generation")
     p.add_argument("--id_loss_weight", type=float, default=0.1, help="the id_loss claim's weight")
-    p.add_argument("--trainer_flags", default="", help="more flags for every training run, e.g. '--snr_gamma 5'")
+    p.add_argument(
+        "--trainer_flags", default="", help="more flags for every training run, e.g. '--snr_gamma 5'"
+    )
     p.add_argument("--tiny", default=None, help="tiny checkpoints folder (default: built in a temp folder)")
     p.add_argument("--json", default=None, help="write the figures here")
-    p.add_argument("--from_json", nargs="+", default=None, help="print and plot earlier --json files (no runs)")
+    p.add_argument(
+        "--from_json", nargs="+", default=None, help="print and plot earlier --json files (no runs)"
+    )
     p.add_argument("--plot", default=None, help="write the plot PNG here")
     args = p.parse_args(argv)
     import logging
@@ -239,7 +248,9 @@ def main(argv=None):
         return results
     C.LEARNING_RATE = args.lr
     C.GEN_STEPS, C.IP_SCALE = args.gen_steps, args.ip_scale
-    extra = (() if args.train_identitynet else ("--no-train_identitynet",)) + tuple(args.trainer_flags.split())
+    extra = (() if args.train_identitynet else ("--no-train_identitynet",)) + tuple(
+        args.trainer_flags.split()
+    )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -260,7 +260,9 @@ def build_tiny_adapter(unet, path: str | os.PathLike, seed: int = 0) -> Path:
     cross = unet.config.cross_attention_dim
     resampler = Resampler(output_dim=cross, **TINY_RESAMPLER)
     original = dict(unet.attn_processors)
-    with torch.no_grad():  # quiet face tokens: the untrained adapter barely perturbs the UNet (like zero-convs)
+    with (
+        torch.no_grad()
+    ):  # quiet face tokens: the untrained adapter barely perturbs the UNet (like zero-convs)
         resampler.norm_out.weight.mul_(QUIET_TOKENS)
         resampler.norm_out.bias.mul_(QUIET_TOKENS)
     layers = install_ip_processors(unet, num_tokens=TINY_RESAMPLER["num_queries"], init_from_unet=True)

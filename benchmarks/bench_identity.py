@@ -22,7 +22,6 @@ Every run starts from ``download.py --tiny`` (built into a temp folder unless ``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -46,32 +45,6 @@ def train(argv):
     return t.main(t.parse_args(argv))
 
 
-@contextlib.contextmanager
-def broken(kind: str | None):
-    """A deliberately broken trainer: ``shuffle`` (face embeddings rolled across the batch) or ``no_ip`` (the
-    IP layers' parameters left out of the optimizer)."""
-    import faceid.train.dataset as ds
-    import faceid.train.model as tm
-
-    saved = ds.collate, tm.trainable_parameters
-    if kind == "shuffle":
-
-        def collate(examples):
-            out = saved[0](examples)
-            out["face_embeds"] = out["face_embeds"].roll(1, dims=0)
-            return out
-
-        ds.collate = collate
-    elif kind == "no_ip":
-        tm.trainable_parameters = lambda model: [
-            p for n, p in model.named_parameters() if p.requires_grad and "_ip." not in n
-        ]
-    try:
-        yield
-    finally:
-        ds.collate, tm.trainable_parameters = saved
-
-
 def pipe_for(paths, out=None):
     from pipeline_stable_diffusion_xl_instantid import load_pipeline
 
@@ -90,7 +63,7 @@ def run_identity(
         for v in variants if seed == seeds[0] else ("ok",):
             out = work / f"id_{v}_{seed}"
             t0 = time.time()
-            with broken(None if v == "ok" else v):
+            with C.broken_trainer(None if v == "ok" else v):
                 train(C.train_args(paths, data, out, steps, seed, "--cross_id", *extra))
             after = C.identity_scores(pipe_for(paths, out), rec, ref_photos, ref_emb, seed)
             rows.append({"trainer": v, "seed": seed, "steps": steps, "before_same": before["same"],

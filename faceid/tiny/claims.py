@@ -13,6 +13,7 @@ reference photo's embedding, exactly as evaluate.py's Face Sim on insightface ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,3 +208,35 @@ def train_args(paths, data: WorldSet, out, steps: int, seed: int, *extra: str) -
         "--checkpointing_steps", "0", "--report_to", "none", "--seed", str(seed), "--no-log_samples",
         "--cache_text_embeddings", *extra,
     ]  # fmt: skip
+
+
+BROKEN_TRAINERS = ("shuffle", "no_ip")
+
+
+@contextlib.contextmanager
+def broken_trainer(kind: str | None):
+    """A deliberately broken trainer for as long as the block runs: ``shuffle`` (face embeddings rolled across the
+    batch: every sample gets another's face) or ``no_ip`` (the IP layers left out of the optimizer); ``None``:
+    the trainer as it is."""
+    import faceid.train.dataset as ds
+    import faceid.train.model as tm
+
+    saved = ds.collate, tm.trainable_parameters
+    if kind == "shuffle":
+
+        def collate(examples):
+            out = saved[0](examples)
+            out["face_embeds"] = out["face_embeds"].roll(1, dims=0)
+            return out
+
+        ds.collate = collate
+    elif kind == "no_ip":
+        tm.trainable_parameters = lambda model: [
+            p for n, p in model.named_parameters() if p.requires_grad and "_ip." not in n
+        ]
+    elif kind is not None:
+        raise ValueError(f"unknown broken trainer {kind!r} (one of {BROKEN_TRAINERS})")
+    try:
+        yield
+    finally:
+        ds.collate, tm.trainable_parameters = saved

@@ -12,7 +12,7 @@ A *person* is a stable identity code: four bright "skin" colours, one per quadra
 Everything inside the face stays bright (channel mean above the tiny detector's level) and everything outside
 dark, so the tiny antelopev2 detector finds exactly one face with keypoints at the template positions in its box.
 
-    nice -n 10 python -m faceid.tiny.world --out faceid/tiny/weights     # ~10-15 min on 2 CPU cores
+    WORLD_THREADS=2 nice python -m faceid.tiny.world --out faceid/tiny/weights   # ~14 min on 2 idle CPU cores
 
 writes ``vae/unet/recognizer.safetensors`` (fp16) and ``world.json`` (scaling factor,
 measured figures). ``faceid.tiny.models.build_tiny`` assembles the usual layout from them (no training at build

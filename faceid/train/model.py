@@ -261,8 +261,8 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
         # the frozen UNet never saw; the adapter then spends its steps compensating it and stops using the face
         # (docs/miniature.md).
         keep = 1.0 - torch.tensor(batch["drop_text"], dtype=prompt_embeds.dtype, device=prompt_embeds.device)
-        prompt_embeds = prompt_embeds * keep[:, None, None].to(prompt_embeds.device)
-        pooled = pooled * keep[:, None].to(pooled.device)
+        prompt_embeds = prompt_embeds * keep[:, None, None]
+        pooled = pooled * keep[:, None].to(pooled)
     time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
     added = {"text_embeds": pooled.to(device, weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}
     pred = model(

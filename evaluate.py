@@ -146,7 +146,13 @@ def main(args):
     if args.protocol:
         from faceid.eval import grid as protocol
 
-        inputs.update(protocol.generate_from_args(args, grid_generator()))
+        tiny = None
+        if args.tiny:
+            from faceid.tiny.models import build_tiny, tiny_paths
+
+            build_tiny(args.tiny)
+            tiny = tiny_paths(args.tiny)
+        inputs.update(protocol.generate_from_args(args, grid_generator(), tiny=tiny))
         if args.generate_only:
             return inputs
     if not inputs:

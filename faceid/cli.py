@@ -11,6 +11,7 @@ import sys
 # Exceptions that describe bad input, as (module, class). Only modules already imported can have raised one, so
 # nothing is imported here to look them up.
 _USER_ERRORS = (
+    ("faceid.errors", "InputError"),
     ("faceid.face.images", "ImageLoadError"),
     ("faceid.face.face_info", "FaceInfoError"),
     ("faceid.face.analysis", "NoFaceModelError"),

@@ -28,6 +28,7 @@ import json
 import os
 from pathlib import Path
 
+from faceid.errors import InputError
 from faceid.files import write_json_atomic
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -52,7 +53,7 @@ def load_protocol(path: str | os.PathLike, faces_dir: str | None = None) -> dict
     ids = proto.get("identities", "*")
     if ids == "*" or faces_dir and not isinstance(ids, list):
         if not fdir.is_dir():
-            raise SystemExit(f"faces folder not found: {fdir} (one face image per identity; --faces_dir DIR)")
+            raise InputError(f"faces folder not found: {fdir} (one face image per identity; --faces_dir DIR)")
         files = sorted(p for p in fdir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
         identities = [{"id": p.stem, "face_image": str(p.resolve())} for p in files]
     else:
@@ -67,7 +68,7 @@ def load_protocol(path: str | os.PathLike, faces_dir: str | None = None) -> dict
             ident.setdefault("id", img.stem)
             identities.append(ident)
     if not identities:
-        raise SystemExit(f"no identities: {fdir} has no images and the protocol lists none")
+        raise InputError(f"no identities: {fdir} has no images and the protocol lists none")
     for ident in identities:
         ident.setdefault("subject", subject)
         ident.setdefault("face_info", None)
@@ -96,7 +97,7 @@ def checkpoint_paths(path: str | os.PathLike, controlnet: str | None = None) -> 
     else:
         folder = next((d for d in (p, p / "checkpoints") if d.is_dir() and _adapter_in(d)), None)
         if folder is None:
-            raise SystemExit(
+            raise InputError(
                 f"{p}: no ip-adapter.bin / ip-adapter.safetensors in it or in {p / 'checkpoints'}"
             )
         adapter = _adapter_in(folder)
@@ -106,7 +107,7 @@ def checkpoint_paths(path: str | os.PathLike, controlnet: str | None = None) -> 
     )
     cn = os.fspath(own) if own else controlnet
     if not cn:
-        raise SystemExit(f"{p}: no ControlNetModel/ next to the adapter; pass --controlnet")
+        raise InputError(f"{p}: no ControlNetModel/ next to the adapter; pass --controlnet")
     return os.fspath(adapter), cn
 
 
@@ -221,18 +222,16 @@ def generate_grid(
     return out
 
 
-def generate_from_args(args, generate) -> dict[str, str]:
+def generate_from_args(args, generate, tiny: dict | None = None) -> dict[str, str]:
     """evaluate.py ``--protocol`` glue: generate the grid for every ``--checkpoint NAME=DIR`` with
-    ``generate(argv)``; returns ``{name: merged settings JSON}``."""
+    ``generate(argv)``; returns ``{name: merged settings JSON}``. ``tiny``: the paths of a built tiny layout
+    (``faceid.tiny.models.tiny_paths``, for ``--tiny``), the defaults for models and checkpoint."""
     proto = load_protocol(args.protocol, args.faces_dir)
     gen = dict(proto.get("generation", {}))
     base_model, controlnet, face_root = args.base_model, args.controlnet, None
     checkpoints = list(args.checkpoint)
-    if args.tiny:
-        from faceid.tiny.models import build_tiny, tiny_paths
-
-        build_tiny(args.tiny)
-        tp = tiny_paths(args.tiny)
+    if tiny:
+        tp = tiny
         base_model = base_model or os.fspath(tp["base_model"])
         controlnet = controlnet or os.fspath(tp["controlnet"])
         face_root = os.fspath(tp["face_root"])
@@ -243,7 +242,7 @@ def generate_from_args(args, generate) -> dict[str, str]:
         if getattr(args, key, None):
             gen[key] = getattr(args, key)
     if not checkpoints:
-        raise SystemExit("--protocol needs at least one --checkpoint NAME=DIR")
+        raise InputError("--protocol needs at least one --checkpoint NAME=DIR")
     base_model = base_model or proto.get("base_model") or "stabilityai/stable-diffusion-xl-base-1.0"
     out = {}
     for spec in checkpoints:

@@ -28,7 +28,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -285,14 +285,6 @@ def summarize(rows: Sequence[dict]) -> dict:
 # --------------------------------------------------------------------------------------------------- output
 
 
-def _fmt(v, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
 def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -369,10 +361,6 @@ def load_summary(path: str | os.PathLike) -> dict:
     if p.is_dir():
         p = p / "summary.json"
     return json.loads(p.read_text(encoding="utf-8"))
-
-
-def item_dicts(items: Sequence[EvalItem]) -> list[dict]:
-    return [asdict(it) for it in items]
 
 
 # --------------------------------------------------------------------------------------------------- runs

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-# insightface.utils.face_align.arcface_dst: the five keypoints in a 112x112 aligned face (importing insightface
-# for five numbers costs seconds).
+# insightface.utils.face_align.arcface_dst: the five keypoints (eyes, nose, mouth corners) in a 112x112 aligned face,
+# in its dtype. The one definition in the repository (importing insightface for five numbers costs seconds).
 ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
 )
 
 

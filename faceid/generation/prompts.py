@@ -64,8 +64,3 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 def uses_weights(text: str | None) -> bool:
     """True when ``text`` has weighting syntax (brackets or escapes) that the plain tokenizer would read literally."""
     return bool(text) and any(c in text for c in "()[]\\")
-
-
-def plain_text(text: str) -> str:
-    """The prompt with the syntax removed (what the weights apply to)."""
-    return "".join(t for t, _ in parse_weights(text))

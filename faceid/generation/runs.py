@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from faceid.errors import InputError
 from faceid.eval.grid import checkpoint_paths
 from faceid.train.checkpoints import complete_checkpoints
 
@@ -30,7 +31,7 @@ class Weights:
 def _weights(label: str, folder: Path) -> Weights | None:
     try:
         adapter, controlnet = checkpoint_paths(folder)
-    except SystemExit:  # no adapter or no ControlNetModel/ in it: not loadable, so not offered
+    except InputError:  # no adapter or no ControlNetModel/ in it: not loadable, so not offered
         return None
     return Weights(label, adapter, controlnet)
 

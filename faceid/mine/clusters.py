@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from faceid.errors import InputError
 from faceid.files import atomic_path, write_json_atomic
 
 # ArcFace-family recognizers (antelopev2's glintr100, buffalo_l's w600k_r50) give different people cosines
@@ -95,7 +96,7 @@ def _faiss():
     try:
         import faiss
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a requirement
-        raise SystemExit("mining needs FAISS: pip install faiss-cpu (or faiss-gpu)") from exc
+        raise InputError("mining needs FAISS: pip install faiss-cpu (or faiss-gpu)") from exc
     return faiss
 
 
@@ -387,10 +388,6 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     rank = np.empty(len(uniq), np.int64)
     rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
     return rank[inv.reshape(-1)]
-
-
-def cluster_sizes(labels: np.ndarray) -> np.ndarray:
-    return np.bincount(labels)
 
 
 def mean_cosines(x: np.ndarray, labels: np.ndarray, chunk_rows: int = 131_072) -> np.ndarray:

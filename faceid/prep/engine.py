@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from faceid.errors import InputError
 from faceid.face.images import MAX_PIXELS, ImageLoadError, load_image, to_bgr
 from faceid.prep.parts import PartStore, durable_write, merge
 from faceid.prep.sources import SourceItem, iter_source_items
@@ -48,7 +49,7 @@ def dist_env() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     local = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
     if not 0 <= rank < world:
-        raise SystemExit(f"RANK={rank} is outside WORLD_SIZE={world}")
+        raise InputError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world, local
 
 

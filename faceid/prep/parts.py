@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from faceid.errors import InputError
 from faceid.schema import EMBEDDING_DIM
 from ip_adapter.utils import atomic_path
 
@@ -124,7 +125,7 @@ class PartStore:
             old = json.loads(path.read_text(encoding="utf-8"))
             if old != config:
                 diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise SystemExit(
+                raise InputError(
                     f"{self.out_dir}: existing parts were made with different arguments ({', '.join(diff)}); "
                     f"rerun with the same arguments to resume, or use a fresh --output"
                 )

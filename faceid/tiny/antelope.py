@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from faceid.face.regions import ARCFACE_TEMPLATE
 from faceid.schema import EMBEDDING_DIM
 from ip_adapter.utils import atomic_path
 
@@ -46,11 +47,6 @@ MIN_FACE_PX = 8
 # Run lengths are computed up to 2**DOUBLING_STEPS pixels (must exceed MAX_FACE_PX).
 DOUBLING_STEPS = 9
 REC_POOL = 8
-# insightface.utils.face_align.arcface_dst: the 5-point template in a 112×112 crop.
-ARCFACE_DST = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
 _BIG = np.iinfo(np.int64).max
 
 
@@ -150,8 +146,8 @@ def build_detector(path: str | os.PathLike, max_face_px: int = MAX_FACE_PX) -> P
         bbox_outs.append(_to_rows(g, g.op("Mul", [dist, inv_s]), 4))
         # Interleaved x0, y0, x1, y1, ...: kps = cw * w + ch * h - ex * dl - ey * dt (offsets from the anchor).
         cw, ch, ex, ey = (np.zeros((1, 10, 1, 1), np.float32) for _ in range(4))
-        cw[0, 0::2, 0, 0] = ARCFACE_DST[:, 0] / 112.0
-        ch[0, 1::2, 0, 0] = ARCFACE_DST[:, 1] / 112.0
+        cw[0, 0::2, 0, 0] = ARCFACE_TEMPLATE[:, 0] / 112.0
+        ch[0, 1::2, 0, 0] = ARCFACE_TEMPLATE[:, 1] / 112.0
         ex[0, 0::2] = 1.0
         ey[0, 1::2] = 1.0
         terms = [g.op("Mul", [g.const(c), v]) for c, v in ((cw, w), (ch, h), (ex, dl), (ey, dt))]

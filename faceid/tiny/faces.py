@@ -10,11 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# ArcFace 5-point template in a 112x112 crop (eyes, nose, mouth corners).
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
+from faceid.face.regions import ARCFACE_TEMPLATE
 
 
 def synthetic_face_array(size=(256, 256), box=None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from faceid.face.regions import ARCFACE_TEMPLATE
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 IMAGE_SIZE = 64
 NUM_PERSONS = 96
@@ -41,10 +43,8 @@ MOUTH_RGB = (255, 110, 175)
 # Identity colours per channel (kept bright; disjoint from the glasses' low red and the mouth's low green).
 SKIN_LOW = np.array([195, 150, 115])
 SKIN_HIGH = np.array([255, 225, 195])
-ARCFACE_DST = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
+
+
 # The attribute classifier's thresholds (on colour differences, 0..255), set on VAE reconstructions of photos.
 GLASSES_THRESHOLD = 12.0
 SMILE_THRESHOLD = 16.0
@@ -85,7 +85,7 @@ def box_kps(box) -> np.ndarray:
     """The 5 keypoints the tiny detector reports for a face box: the ArcFace template scaled into it."""
     x1, y1, x2, y2 = box
     return (
-        ARCFACE_DST / 112.0 * np.array([x2 - x1, y2 - y1], np.float32) + np.array([x1, y1], np.float32)
+        ARCFACE_TEMPLATE / 112.0 * np.array([x2 - x1, y2 - y1], np.float32) + np.array([x1, y1], np.float32)
     ).astype(np.float32)
 
 
@@ -224,7 +224,7 @@ def fast_crop(img: np.ndarray, kps: np.ndarray) -> np.ndarray:
     """:func:`aligned_crop` without skimage (same transform; used for the recognizer's training data)."""
     import cv2
 
-    m = similarity_matrix(kps, ARCFACE_DST)
+    m = similarity_matrix(kps, ARCFACE_TEMPLATE)
     return cv2.warpAffine(np.ascontiguousarray(img), m, (112, 112), borderValue=0.0)
 
 

@@ -6,8 +6,10 @@ traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from faceid.errors import InputError
 
-class TrainingInputError(ValueError):
+
+class TrainingInputError(InputError):
     """A problem with the data, files or flags given to training; the message names it and what to do."""
 
 

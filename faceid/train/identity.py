@@ -26,13 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# insightface.utils.face_align.arcface_dst (one definition in the tiny pack, which reproduces it)
-from faceid.tiny.antelope import ARCFACE_DST
+from faceid.face.regions import ARCFACE_TEMPLATE
 
 ALIGN_SIZE = 112
 
 
-def similarity_transform(src, dst=ARCFACE_DST) -> np.ndarray:
+def similarity_transform(src, dst=ARCFACE_TEMPLATE) -> np.ndarray:
     """The 2×3 least-squares similarity (rotation, uniform scale, translation) mapping ``src`` points onto
     ``dst`` — Umeyama's estimate, what ``skimage.transform.SimilarityTransform.estimate`` (and so insightface's
     ``estimate_norm``) computes."""

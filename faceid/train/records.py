@@ -28,7 +28,6 @@ import glob
 import json
 import os
 import threading
-import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -373,10 +372,6 @@ def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Ge
     """The generator for one draw of one item: the same (seed, epoch, index) always gives the same numbers,
     whichever worker or process draws it, so resuming reproduces the data exactly."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), int(salt)])
-
-
-def stable_hash(text: str) -> int:
-    return zlib.crc32(text.encode("utf-8"))
 
 
 class ReferencePicker:

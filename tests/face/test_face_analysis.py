@@ -20,7 +20,6 @@ from faceid.face.analysis import (
     choose_providers,
     largest_face_index,
 )
-from faceid.face.face_info import load_face_info, save_face_info
 from faceid.face.images import to_bgr
 from faceid.tiny.antelope import DETECTOR_FILE, RECOGNIZER_FILE, build_tiny_antelopev2
 
@@ -143,13 +142,12 @@ def test_batched_recognition_equals_single(analyzer):
             assert np.allclose(analyzer.analyze(img).embedding, r.embedding, atol=1e-4)
 
 
-def test_face_info_round_trip(analyzer, tmp_path):
+def test_result_as_face_info(analyzer):
+    """The dict save_face_info writes (its file round trip: tests/face/test_kps_and_face_info.py)."""
     res = analyzer.analyze(face_image())
-    for name in ("f.pkl", "f.npz"):
-        save_face_info(tmp_path / name, res.to_face_info())
-        info = load_face_info(tmp_path / name)
-        assert np.allclose(info["embedding"], res.embedding) and np.allclose(info["kps"], res.kps)
-        assert info["frame"] == (384, 320)
+    info = res.to_face_info()
+    assert np.allclose(info["embedding"], res.embedding) and np.allclose(info["kps"], res.kps)
+    assert np.allclose(info["bbox"], res.bbox) and tuple(info["frame"]) == (384, 320)
 
 
 def test_missing_pack_has_clear_error(tmp_path):

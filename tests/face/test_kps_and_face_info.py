@@ -86,13 +86,16 @@ def test_scale_and_flip_kps():
 def test_face_info_round_trip(tmp_path):
     info = {
         "embedding": np.arange(512, dtype=np.float32),
-        "kps": np.ones((5, 2)),
+        "kps": np.arange(10, dtype=np.float32).reshape(5, 2) * 1.5,
+        "bbox": np.array([1.0, 2.0, 30.0, 40.0], np.float32),
         "frame": np.array([640, 480]),
     }
     for name in ("a.pkl", "a.npz"):
         save_face_info(tmp_path / name, info)
         back = load_face_info(tmp_path / name)
         np.testing.assert_array_equal(back["embedding"], info["embedding"])
+        np.testing.assert_array_equal(back["kps"], info["kps"])
+        np.testing.assert_array_equal(back["bbox"], info["bbox"])
         assert back["frame"] == (640, 480)
     # MFaceTech-style pickle (plain dict of numpy arrays, default protocol) reads too.
     with open(tmp_path / "m.pkl", "wb") as fh:

@@ -185,8 +185,8 @@ def test_two_ranks_share_the_knn(tmp_path, monkeypatch):
 
 
 def test_prefer_pose_change_orders_references(tmp_path):
+    from faceid.face.regions import ARCFACE_TEMPLATE
     from faceid.mine.pairs import head_pose
-    from faceid.tiny.faces import ARCFACE_TEMPLATE
 
     index, _ = make_index(tmp_path / "d", n=200)
     recs = _read(index)

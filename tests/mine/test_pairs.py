@@ -9,8 +9,8 @@ import numpy as np
 from conftest_mine import photo
 from PIL import Image
 
+from faceid.face.regions import ARCFACE_TEMPLATE
 from faceid.mine import pairs as P
-from faceid.tiny.faces import ARCFACE_TEMPLATE
 
 
 def _natural(seed: int, size=(160, 128)) -> Image.Image:

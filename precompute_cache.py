@@ -16,35 +16,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import time
 from pathlib import Path
 
+from faceid.train import config
+
 # ----------------------------------------------------------------------------------------- editable defaults
-MODEL_NAME = "stabilityai/stable-diffusion-xl-base-1.0"
-RESOLUTION = 1024
+MODEL_NAME = config.MODEL_NAME
+RESOLUTION = config.RESOLUTION
 SHARD_SIZE = 256  # work items per committed shard (what a kill can lose at most)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    B = argparse.BooleanOptionalAction
-    p.add_argument("--pretrained_model_name_or_path", default=MODEL_NAME)
-    p.add_argument("--revision", default=None)
-    p.add_argument("--pretrained_vae_model_name_or_path", default=None)
-    p.add_argument("--vae_in_weight_dtype", action=B, default=True)
+    config.add_model_flags(p, MODEL_NAME)
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
                    help="as training's: the text encoders' (and a given fp16-safe VAE's) dtype")  # fmt: skip
-    p.add_argument("--data_json_file", default=None)
-    p.add_argument("--train_data_dir", default=None)
-    p.add_argument("--train_shards", default=None)
-    p.add_argument("--data_format", default="auto")
-    p.add_argument("--data_root_path", default=None)
-    p.add_argument("--skip_bad_samples", action="store_true")
-    p.add_argument("--resolution", type=int, default=RESOLUTION)
-    p.add_argument("--aspect_ratio_buckets", action="store_true")
-    p.add_argument("--bucket_multiple", type=int, default=None)
+    config.add_data_flags(p, RESOLUTION)
     p.add_argument("--flip", default="none", choices=["none", "both"], help="both: also cache mirrored crops")
     p.add_argument("--what", default="latents,text", help="latents, text or latents,text")
     p.add_argument("--output", required=True, help="cache folder")
@@ -54,38 +43,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def source_items(args, tokenizers):
+def source_items(args):
     """→ (source description, items [(id, caption, view(flip) -> uint8 CHW tensor)], buckets)."""
-    from faceid.train.errors import TrainingInputError
-
-    sources = [x for x in (args.data_json_file, args.train_data_dir, args.train_shards) if x]
-    if len(sources) != 1:
-        raise TrainingInputError("give exactly one of --data_json_file, --train_data_dir, --train_shards")
-    if not os.path.exists(sources[0]):
-        raise TrainingInputError(f"{sources[0]}: no such file or folder")
+    config.check_source(args)
     if args.train_shards:
         from faceid.train.webdataset_shards import ShardDataset
 
-        if args.aspect_ratio_buckets:
-            raise TrainingInputError("--train_shards streams fixed-size samples: no --aspect_ratio_buckets")
         ds = ShardDataset(args.train_shards, resolution=args.resolution)
         items = [(meta["id"], meta["caption"], view) for meta, view in ds.cache_views()]
-        return (
-            {"kind": "shards", "path": os.path.abspath(args.train_shards), "items": len(items)},
-            items,
-            None,
-        )
+        return config.source_entry("shards", args.train_shards, len(items)), items, None
     from faceid.train.dataset import FaceTrainDataset
-    from faceid.train.records import load_checked_records
-    from faceid.train.transforms import scaled_buckets
 
-    path = args.data_json_file or args.train_data_dir
-    fmt = "faceid6m" if args.train_data_dir and args.data_format == "auto" else args.data_format
-    records, _ = load_checked_records(path, fmt, args.data_root_path, False, args.skip_bad_samples)
-    buckets = scaled_buckets(args.resolution, args.bucket_multiple) if args.aspect_ratio_buckets else None
-    ds = FaceTrainDataset(records, resolution=args.resolution, buckets=buckets)
-    items = [(r.key, r.caption, (lambda f, i=i: ds.cache_view(i, f))) for i, r in enumerate(records)]
-    return {"kind": "index", "path": os.path.abspath(path), "items": len(items)}, items, buckets
+    index = config.load_index_source(args)
+    ds = FaceTrainDataset(index.records, resolution=args.resolution, buckets=index.buckets)
+    items = [(r.key, r.caption, (lambda f, i=i: ds.cache_view(i, f))) for i, r in enumerate(index.records)]
+    return index.source, items, index.buckets
 
 
 def main(args) -> int:
@@ -105,9 +77,9 @@ def main(args) -> int:
         raise TrainingInputError(f"--what {args.what!r}: choose latents, text or latents,text")
     rank, world, local = dist_env()
     device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    weight_dtype = config.weight_dtype(args.mixed_precision)
     enc = load_encoders(args, weight_dtype, device)
-    source, items, buckets = source_items(args, (enc["tokenizer"], enc["tokenizer_2"]))
+    source, items, buckets = source_items(args)
 
     # 1. The manifest: a rerun (resume) must use the same settings as the parts already written.
     out = Path(args.output)

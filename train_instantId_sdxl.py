@@ -5,23 +5,27 @@
         --pretrained_ip_adapter_path checkpoints/ip-adapter.bin \
         --data_json_file index.jsonl --cross_id --output_dir out
 
-See docs/training.md. Heavy lifting lives in faceid/train/model.py, faceid/train_*.py, faceid/train/transforms.py and
-faceid/train/webdataset_shards.py.
+See docs/training.md. ``main`` reads as the stages of a run; the work lives in faceid/train/ (config.py: the flags,
+checks and data set-up shared with precompute_cache.py; model.py: models and the loss; dataset.py, records.py,
+transforms.py, webdataset_shards.py: data; checkpoints.py, ema.py). Tests and experiments pass
+``main(args, hooks=TrainHooks(...))`` (faceid/train/config.py) instead of patching.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
-import time
 from types import SimpleNamespace
 
+from faceid.train import config
+from faceid.train.config import TrainHooks
+from faceid.train.steps import Run, Schedule, forward_backward, optimizer_step, skip_update, step_scalars
+
 # ---- defaults (edit here) -----------------------------------------------------------------------------------
-MODEL_NAME = "stabilityai/stable-diffusion-xl-base-1.0"
+MODEL_NAME = config.MODEL_NAME
 OUTPUT_DIR = "instantid-output"
 RESOLUTION = 1024
 LEARNING_RATE = 1e-5
@@ -43,14 +47,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     B = argparse.BooleanOptionalAction
     g = p.add_argument_group("models")
-    g.add_argument(
-        "--pretrained_model_name_or_path", default=MODEL_NAME, help="SDXL diffusers folder or hub id"
-    )
-    g.add_argument("--revision", default=None)
-    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="e.g. a fp16-safe SDXL VAE")
-    g.add_argument(
-        "--vae_in_weight_dtype", action=B, default=True, help="keep a given VAE in the weight dtype"
-    )
+    config.add_model_flags(g, MODEL_NAME)
     g.add_argument(
         "--controlnet_model_name_or_path", default=None, help="IdentityNet; default: from the UNet"
     )
@@ -68,21 +65,7 @@ def parse_args(argv=None):
     g.add_argument("--train_ip_layers", action=B, default=True)
 
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--data_json_file", default=None, help="index JSONL (get_face_info / MFaceTech / seed format)"
-    )
-    g.add_argument("--train_data_dir", default=None, help="FaceID-6M folder (N.png, N.npy, *.jsonl)")
-    g.add_argument(
-        "--train_shards",
-        default=None,
-        help="WebDataset shard folder (python -m faceid.train.webdataset_shards)",
-    )
-    g.add_argument(
-        "--data_format", default="auto", choices=["auto", "index", "mfacetech", "seed", "faceid6m"]
-    )
-    g.add_argument(
-        "--data_root_path", default=None, help="root for relative paths (default: the index's folder)"
-    )
+    config.add_data_flags(g, RESOLUTION)
     g.add_argument(
         "--person_id_from_folder", action="store_true", help="person = the image's parent folder name"
     )
@@ -90,13 +73,9 @@ def parse_args(argv=None):
         "--cross_id", action="store_true", help="face embedding from another image of the same person"
     )
     g.add_argument("--cross_id_prob", type=float, default=1.0)
-    g.add_argument("--skip_bad_samples", action="store_true")
-    g.add_argument("--resolution", type=int, default=RESOLUTION)
     g.add_argument("--random_crop", action="store_true", help="random instead of centre crop")
     g.add_argument("--center_crop", action="store_true", help="(default; MFaceTech flag accepted)")
     g.add_argument("--random_flip", type=float, default=0.0, help="probability of a mirrored sample")
-    g.add_argument("--aspect_ratio_buckets", action="store_true", help="SDXL buckets scaled to --resolution")
-    g.add_argument("--bucket_multiple", type=int, default=None)
     g.add_argument("--text_drop_rate", type=float, default=0.05)
     g.add_argument("--text_drop_zeros", action=B, default=True,
                    help="a dropped caption becomes zero text embeddings, the unconditional input SDXL was trained "
@@ -154,9 +133,6 @@ def parse_args(argv=None):
     )
     g.add_argument("--ema_decay", type=float, default=EMA_DECAY)
     g.add_argument(
-        "--stop_after_steps", type=int, default=None, help=argparse.SUPPRESS
-    )  # tests: simulate a kill
-    g.add_argument(
         "--max_nonfinite_steps", type=int, default=MAX_NONFINITE_IN_A_ROW, help="stop after K in a row"
     )
 
@@ -187,111 +163,17 @@ def parse_args(argv=None):
     return args
 
 
-def open_disk_cache(args, enc: dict, source: dict, buckets, item_ids, captions):
-    """The ``--precomputed_cache``, checked against this run's settings and data (or a message naming the
-    difference); ``None`` without the flag."""
-    if not args.precomputed_cache:
-        return None
-    from faceid.train import disk_cache as dc
-
-    cache = dc.DiskCache(args.precomputed_cache)
-    built = cache.manifest
-    flip = built["flip"]
-    if args.random_flip > 0 and flip != "both":
-        flip = f"both (for --random_flip {args.random_flip})"
-    wanted = dc.expected_manifest(enc, source, args.resolution, buckets, flip, built["what"])
-    hint = "Rebuild it with precompute_cache.py and this run's model/data/resolution/bucket/flip flags."
-    dc.check_manifest(built, wanted, args.precomputed_cache, hint)
-    cache.check_complete(item_ids, captions)
-    return cache
-
-
-def build_data(args, tokenizers, rank, world, log, enc=None):
-    """→ (dataset, records or None, loader_factory(epoch, start_batch), batches_per_epoch). ``enc`` (the loaded
-    encoders) is needed to check a ``--precomputed_cache``."""
-    import torch
-
-    from faceid.train.dataset import EpochBatchSampler, FaceTrainDataset, collate
-
-    common = dict(
-        resolution=args.resolution,
-        seed=args.seed,
-        random_crop=args.random_crop,
-        flip_prob=args.random_flip,
-        cross_id=args.cross_id,
-        cross_id_prob=args.cross_id_prob,
-        text_drop=args.text_drop_rate,
-        face_drop=args.face_drop_rate,
-        both_drop=args.both_drop_rate,
-    )
-    workers = args.dataloader_num_workers
-    if args.train_shards:
-        from faceid.train.webdataset_shards import ShardDataset
-
-        ds = ShardDataset(
-            args.train_shards,
-            tokenizers,
-            batch_size=args.train_batch_size,
-            rank=rank,
-            world_size=world,
-            **common,
-        )
-        if args.precomputed_cache:
-            metas = [meta for meta, _ in ds.cache_views()]
-            source = {"kind": "shards", "path": os.path.abspath(args.train_shards), "items": len(metas)}
-            ds.disk_cache = open_disk_cache(
-                args, enc, source, None, [m["id"] for m in metas], [m["caption"] for m in metas]
-            )
-
-        def factory(epoch, start):
-            ds.set_epoch(epoch, start)
-            return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-
-        return ds, None, factory, ds.num_batches()
-
-    from faceid.train.records import load_checked_records
-    from faceid.train.transforms import scaled_buckets
-
-    path = args.data_json_file or args.train_data_dir
-    fmt = "faceid6m" if args.train_data_dir and args.data_format == "auto" else args.data_format
-    records, bad = load_checked_records(
-        path, fmt, args.data_root_path, args.person_id_from_folder, args.skip_bad_samples, logger=log
-    )
-    buckets = scaled_buckets(args.resolution, args.bucket_multiple) if args.aspect_ratio_buckets else None
-    source = {"kind": "index", "path": os.path.abspath(path), "items": len(records)}
-    cache = open_disk_cache(
-        args, enc, source, buckets, [r.key for r in records], [r.caption for r in records]
-    )
-    ds = FaceTrainDataset(records, tokenizers, buckets=buckets, disk_cache=cache, **common)
-    sampler = EpochBatchSampler(ds.bucket_groups(), args.train_batch_size, args.seed, rank, world)
-
-    def factory(epoch, start):
-        sampler.set_epoch(epoch, start)
-        return torch.utils.data.DataLoader(
-            ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate, persistent_workers=False
-        )
-
-    ds.num_bad = len(bad)
-    return ds, records, factory, sampler.num_batches()
-
-
 def check_args(args) -> None:
     """Flag combinations argparse cannot express; a bad one is a :class:`TrainingInputError` naming the flags."""
     from faceid.train.errors import TrainingInputError
 
-    sources = [x for x in (args.data_json_file, args.train_data_dir, args.train_shards) if x]
-    if len(sources) != 1:
-        raise TrainingInputError("give exactly one of --data_json_file, --train_data_dir, --train_shards")
-    if not os.path.exists(sources[0]):
-        raise TrainingInputError(f"{sources[0]}: no such file or folder (check the data flag)")
+    config.check_source(args)
     if args.cache_latents and (args.random_crop or args.random_flip > 0):
         raise TrainingInputError(
             "--cache_latents needs a deterministic view: drop --random_crop/--random_flip"
         )
-    if args.train_shards and (args.cache_latents or args.aspect_ratio_buckets):
-        raise TrainingInputError(
-            "--train_shards streams fixed-size samples: no --cache_latents/--aspect_ratio_buckets"
-        )
+    if args.train_shards and args.cache_latents:
+        raise TrainingInputError("--train_shards streams fixed-size samples: no --cache_latents")
     if args.precomputed_cache:
         if args.random_crop:
             raise TrainingInputError(
@@ -422,21 +304,138 @@ def _log_validation(parts, model, items, prompts, args, step, accelerator):
     return out
 
 
-def main(args):
-    import torch
-    from accelerate import Accelerator
-    from accelerate.logging import get_logger
-    from accelerate.utils import DistributedType, ProjectConfiguration
+def main(args, hooks: TrainHooks | None = None):
+    """Train; returns ``SimpleNamespace(global_step, model, parts, completed)``. ``hooks``: explicit seams for
+    tests and experiments (:class:`faceid.train.config.TrainHooks`); None is the trainer as shipped."""
     from tqdm.auto import tqdm
 
-    import faceid.train.model as training  # module attribute access: tests patch training.compute_loss
+    import faceid.train.model as training
     from faceid.train import checkpoints as ckpt
     from faceid.train.ema import EMA
-    from faceid.train.errors import TrainingInputError
 
+    hooks = hooks or TrainHooks()
     check_args(args)
 
     # 1. Accelerator and logging
+    accelerator, log, report_to = make_accelerator(args)
+    # Frozen weights run in the mixed-precision dtype; trained weights stay fp32 (their updates are tiny).
+    weight_dtype = config.weight_dtype(accelerator.mixed_precision)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # 2. Models: frozen SDXL (VAE, text encoders, UNet), trained IdentityNet, Resampler and IP layers
+    parts = load_models(args, weight_dtype, accelerator.device)
+
+    # 3. Data: every rank reads its own deterministic share (a function of seed, epoch, batch)
+    data = config.build_data(args, (parts["tokenizer"], parts["tokenizer_2"]), rank, world, log, enc=parts)
+    sched = make_schedule(args, accelerator, data.batches_per_epoch)
+
+    # 4. Optimizer and learning-rate schedule, over the trained parameters only
+    params = (hooks.trainable_parameters or training.trainable_parameters)(parts["model"])
+    optimizer, lr_scheduler = make_optimizer(args, params, sched.accum, world, sched.max_steps)
+
+    # 5. Prepare for the launch setup, then resume: checkpoints hold the trained weights in the official layout
+    model, optimizer, lr_scheduler = accelerator.prepare(parts["model"], optimizer, lr_scheduler)
+    ckpt.register_hooks(accelerator, accelerator.unwrap_model)
+    parts["model"] = model
+    unwrapped = accelerator.unwrap_model(model)
+    # The average starts from the weights training starts with (resume replaces it with the saved one).
+    ema = EMA(unwrapped, args.ema_decay) if args.use_ema else None
+    global_step = resume(args, accelerator, log, sched.batches_per_epoch, sched.accum, world, unwrapped, ema)
+    first_epoch, start_update = divmod(global_step, sched.updates_per_epoch)
+    run = Run(args, accelerator, parts, model, unwrapped, params, optimizer, lr_scheduler, ema, weight_dtype,
+              training.CondCache(args.cache_latents, args.cache_text_embeddings), sched, hooks,
+              hooks.compute_loss or training.compute_loss)  # fmt: skip
+
+    # 6. Trackers, the run's arguments, validation faces
+    start_tracking(args, accelerator, report_to)
+    val_items, val_prompts = validation_setup(args, accelerator, data.records, log)
+    log.info(
+        f"{len(data.dataset)} items, {sched.batches_per_epoch} batches/epoch/process, {world} processes, "
+        f"{sched.max_steps} steps, {sched.num_epochs} epochs; starting at step {global_step}"
+    )
+
+    # 7. Training loop
+    bar = tqdm(
+        range(sched.max_steps),
+        initial=global_step,
+        desc="steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    logs_out = StepLogs(args, rank, accelerator)
+    nonfinite_in_a_row = 0
+    for epoch in range(first_epoch, sched.num_epochs):
+        if global_step >= sched.max_steps:
+            break
+        first_u = start_update if epoch == first_epoch else 0
+        if args.cache_latents and hasattr(data.dataset, "with_pixels"):
+            # Once every posterior is cached the loader stops decoding images.
+            data.dataset.with_pixels = len(run.cache.latents) < len(data.dataset)
+        # Resuming mid-epoch: the loader starts at the first unseen batch, without loading the ones before.
+        loader = iter(data.loader(epoch, first_u * sched.accum))
+        for u in range(first_u, sched.updates_per_epoch):
+            # 7a. Forward and backward over the update's micro-batches
+            step = forward_backward(run, loader, epoch, u)
+            # 7b. Optimizer step; a non-finite loss skips the update instead
+            grad_norm = None
+            if step.bad:
+                nonfinite_in_a_row = skip_update(run, global_step, nonfinite_in_a_row, log)
+            else:
+                nonfinite_in_a_row = 0
+                grad_norm = optimizer_step(run, step)
+            global_step += 1
+            bar.update(1)
+            # 7c. Logs, checkpoint, validation
+            logs_out.samples(global_step, None if step.bad else step.losses, step.samples)
+            if not step.bad:
+                logs = step_scalars(run, step, grad_norm)
+                logs_out.scalars(global_step, logs)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                path = ckpt.save_checkpoint(accelerator, args.output_dir, global_step,
+                                            sched.trainer_state(global_step, world, args.seed),
+                                            args.checkpoints_total_limit,
+                                            write_extra=ema.save if ema is not None else None)  # fmt: skip
+                log.info(f"Saved {path}")
+            if (
+                args.validation_steps
+                and global_step % args.validation_steps == 0
+                and accelerator.is_main_process
+                and val_items
+            ):
+                out = log_validation(parts, unwrapped, val_items, val_prompts, args, global_step, accelerator)
+                log.info(f"Validation grid: {out}")
+            if global_step >= sched.max_steps:
+                break
+            if hooks.stop_after_steps and global_step >= hooks.stop_after_steps:
+                log.warning(f"hooks.stop_after_steps: stopping at step {global_step} without final export")
+                accelerator.end_training()
+                return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=False)
+        del loader
+
+    # 8. Export the final weights in the layout inference loads (the EMA when on)
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(unwrapped)
+    if accelerator.is_main_process:
+        ckpt.export_weights(args.output_dir, unwrapped)
+        log.info(f"Final weights: {args.output_dir}/ip-adapter.bin, {args.output_dir}/ControlNetModel/")
+    accelerator.end_training()
+    return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stages of main
+
+
+def make_accelerator(args):
+    """→ (accelerator, logger, report_to)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report_to = None if args.report_to == "none" else args.report_to
     if not torch.distributed.is_initialized():
@@ -455,32 +454,31 @@ def main(args):
         ),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    log = get_logger("train_instantid")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    # Frozen weights run in the mixed-precision dtype; trained weights stay fp32 (their updates are tiny).
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    return accelerator, get_logger("train_instantid"), report_to
 
-    # 2. Models: frozen SDXL (VAE, text encoders, UNet), trained IdentityNet, Resampler and IP layers
-    parts = training.load_components(args, weight_dtype, accelerator.device)
-    model = parts["model"]
+
+def load_models(args, weight_dtype, device) -> dict:
+    """The components (faceid.train.model.load_components) plus the identity loss when it is on."""
+    import faceid.train.model as training
+
+    parts = training.load_components(args, weight_dtype, device)
     if args.id_loss_weight > 0:
         # Frozen recognizer (the ONNX run by torch); only the face region is decoded, see faceid/train/identity.py.
         from faceid.train.identity import IdentityLoss
 
         parts["id_loss"] = IdentityLoss(
-            args.id_loss_recognizer, args.id_loss_max_timestep, args.id_loss_margin, accelerator.device
+            args.id_loss_recognizer, args.id_loss_max_timestep, args.id_loss_margin, device
         )
+    return parts
 
-    # 3. Data: every rank reads its own deterministic share (a function of seed, epoch, batch)
-    ds, records, make_loader, batches_per_epoch = build_data(
-        args, (parts["tokenizer"], parts["tokenizer_2"]), rank, world, log, enc=parts
-    )
+
+def make_schedule(args, accelerator, batches_per_epoch: int) -> Schedule:
+    from accelerate.utils import DistributedType
+
+    from faceid.train.errors import TrainingInputError
+
     accum = max(1, args.gradient_accumulation_steps)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accum > 1:
         raise TrainingInputError(
@@ -488,187 +486,38 @@ def main(args):
         )
     updates_per_epoch = math.ceil(batches_per_epoch / accum)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_steps / updates_per_epoch)
+    return Schedule(
+        accum, batches_per_epoch, updates_per_epoch, max_steps, math.ceil(max_steps / updates_per_epoch)
+    )
 
-    # 4. Optimizer and learning-rate schedule, over the trained parameters only
-    params = training.trainable_parameters(model)
-    optimizer, lr_scheduler = make_optimizer(args, params, accum, world, max_steps)
 
-    # 5. Prepare for the launch setup, then resume: checkpoints hold the trained weights in the official layout
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ckpt.register_hooks(accelerator, accelerator.unwrap_model)
-    parts["model"] = model
-    unwrapped = accelerator.unwrap_model(model)
-    # The average starts from the weights training starts with (resume replaces it with the saved one).
-    ema = EMA(unwrapped, args.ema_decay) if args.use_ema else None
-    global_step = resume(args, accelerator, log, batches_per_epoch, accum, world, unwrapped, ema)
-    first_epoch, start_update = divmod(global_step, updates_per_epoch)
+def start_tracking(args, accelerator, report_to) -> None:
+    """Trackers and ``train_args.json`` (main process)."""
+    if not accelerator.is_main_process:
+        return
+    cfg = {
+        k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+        for k, v in vars(args).items()
+    }
+    if report_to:
+        accelerator.init_trackers(
+            args.tracker_project_name, config={k: v for k, v in cfg.items() if v is not None}
+        )
+    with open(os.path.join(args.output_dir, "train_args.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
 
-    # 6. Trackers, the run's arguments, validation faces
-    if accelerator.is_main_process:
-        cfg = {
-            k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
-            for k, v in vars(args).items()
-        }
-        if report_to:
-            accelerator.init_trackers(
-                args.tracker_project_name, config={k: v for k, v in cfg.items() if v is not None}
-            )
-        with open(os.path.join(args.output_dir, "train_args.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
+
+def validation_setup(args, accelerator, records, log):
+    """→ (validation faces, prompts); no faces when validation is off, on other processes, or with shards."""
+    import faceid.train.model as training
+
     val_items, val_prompts = [], args.validation_prompt or list(VALIDATION_PROMPTS)
     if args.validation_steps and accelerator.is_main_process:
         if records:
             val_items = training.validation_items(records, args.resolution, args.num_validation_faces)
         else:
             log.warning("validation uses faces from an index; with --train_shards it is skipped")
-    log.info(
-        f"{len(ds)} items, {batches_per_epoch} batches/epoch/process, {world} processes, {max_steps} steps, "
-        f"{num_epochs} epochs; starting at step {global_step}"
-    )
-
-    # 7. Training loop
-    cache = training.CondCache(args.cache_latents, args.cache_text_embeddings)
-    bar = tqdm(
-        range(max_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
-    logs_out = StepLogs(args, rank, accelerator)
-    nonfinite_in_a_row = 0
-
-    def trainer_state(step):
-        # What resume compares with the new run's setup (a change breaks the exact data order).
-        return {"global_step": step, "epoch": step // updates_per_epoch, "batches_per_epoch": batches_per_epoch,
-                "gradient_accumulation_steps": accum, "world_size": world, "seed": args.seed}  # fmt: skip
-
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_steps:
-            break
-        first_u = start_update if epoch == first_epoch else 0
-        if args.cache_latents and hasattr(ds, "with_pixels"):
-            # Once every posterior is cached the loader stops decoding images.
-            ds.with_pixels = len(cache.latents) < len(ds)
-        # Resuming mid-epoch: the loader starts at the first unseen batch, without loading the ones before.
-        loader = iter(make_loader(epoch, first_u * accum))
-        for u in range(first_u, updates_per_epoch):
-            n_micro = min(accum, batches_per_epoch - u * accum)
-            t_step, data_time, bad, losses, step_samples = time.perf_counter(), 0.0, False, [], []
-            id_sum, id_count = 0.0, 0
-            phase = dict.fromkeys(("vae_time", "text_time", "fwd_bwd_time", "optimizer_time"), 0.0)
-            for m in range(n_micro):
-                t0 = time.perf_counter()
-                batch = next(loader)
-                data_time += time.perf_counter() - t0
-                # Noise and timesteps depend on (seed, micro-step, rank) only: a resumed run draws the same.
-                micro = (epoch * batches_per_epoch) + u * accum + m
-                gen = training.micro_generator(args.seed, micro, rank, accelerator.device)
-                stats = {"timing": args.log_phase_times}
-                t0 = training.phase_clock(accelerator.device, stats)
-                with accelerator.autocast():
-                    loss = training.compute_loss(batch, parts, args, gen, weight_dtype, cache, stats=stats)
-                if "id_loss" in stats:
-                    id_sum += float(stats["id_loss"]) * stats["id_count"]
-                    id_count += stats["id_count"]
-                # Every rank must agree to skip, or DDP's all-reduce in backward would hang.
-                flag = accelerator.reduce(
-                    torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=accelerator.device), "max"
-                )
-                if flag.item() > 0 or bad:
-                    bad = True
-                    continue
-                losses.append(loss.detach())
-                # Gradients are all-reduced once per update, on its last micro-batch.
-                sync = m == n_micro - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    accelerator.backward(loss / n_micro)
-                if t0 is not None:
-                    for k in ("vae_time", "text_time"):
-                        phase[k] += stats.get(k, 0.0)
-                    t1 = training.phase_clock(accelerator.device, stats)
-                    phase["fwd_bwd_time"] += (
-                        t1 - t0 - stats.get("vae_time", 0.0) - stats.get("text_time", 0.0)
-                    )
-                step_samples.append({"index": list(batch["index"]), "ref_index": list(batch["ref_index"])})
-            grad_norm = None
-            if bad:
-                # One bad batch (a NaN from fp16 overflow, a broken sample) should not end a long run; many should.
-                nonfinite_in_a_row += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning(
-                    f"step {global_step + 1}: non-finite loss; step skipped ({nonfinite_in_a_row} in a row)"
-                )
-                if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    raise RuntimeError(
-                        f"{nonfinite_in_a_row} non-finite losses in a row; stopping (lower the learning rate, "
-                        "use bf16 or an fp16-safe VAE, or check the data)"
-                    )
-            else:
-                nonfinite_in_a_row = 0
-                t0 = training.phase_clock(accelerator.device, {"timing": args.log_phase_times})
-                if args.max_grad_norm and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(unwrapped)
-                if t0 is not None:
-                    phase["optimizer_time"] = training.phase_clock(accelerator.device, {"timing": True}) - t0
-            global_step += 1
-            bar.update(1)
-            logs_out.samples(global_step, None if bad else losses, step_samples)
-            if not bad:
-                step_time = time.perf_counter() - t_step
-                mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
-                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "data_time": data_time,
-                        "step_time": step_time,
-                        "samples_per_sec": n_micro * args.train_batch_size * world / max(step_time, 1e-9)}  # fmt: skip
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                if args.log_phase_times:
-                    logs.update(phase)
-                if args.id_loss_weight > 0:
-                    # Logged apart: the mean over the samples it applied to, on all processes.
-                    pair = torch.tensor([[id_sum, id_count]], device=accelerator.device)
-                    s, c = accelerator.gather(pair).sum(0)
-                    if c > 0:
-                        logs["id_loss"] = float(s / c)
-                logs_out.scalars(global_step, logs)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}")
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                path = ckpt.save_checkpoint(
-                    accelerator,
-                    args.output_dir,
-                    global_step,
-                    trainer_state(global_step),
-                    args.checkpoints_total_limit,
-                    write_extra=ema.save if ema is not None else None,
-                )
-                log.info(f"Saved {path}")
-            if (
-                args.validation_steps
-                and global_step % args.validation_steps == 0
-                and accelerator.is_main_process
-                and val_items
-            ):
-                out = log_validation(parts, unwrapped, val_items, val_prompts, args, global_step, accelerator)
-                log.info(f"Validation grid: {out}")
-            if global_step >= max_steps:
-                break
-            if args.stop_after_steps and global_step >= args.stop_after_steps:
-                log.warning(f"--stop_after_steps: stopping at step {global_step} without final export")
-                accelerator.end_training()
-                return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=False)
-        del loader
-
-    # 8. Export the final weights in the layout inference loads (the EMA when on)
-    accelerator.wait_for_everyone()
-    if ema is not None:
-        ema.copy_to(unwrapped)
-    if accelerator.is_main_process:
-        ckpt.export_weights(args.output_dir, unwrapped)
-        log.info(f"Final weights: {args.output_dir}/ip-adapter.bin, {args.output_dir}/ControlNetModel/")
-    accelerator.end_training()
-    return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=True)
+    return val_items, val_prompts
 
 
 def resume(args, accelerator, log, batches_per_epoch: int, accum: int, world: int, model, ema=None) -> int:

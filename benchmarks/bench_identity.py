@@ -39,10 +39,10 @@ TRAIN_PERSONS = list(range(8))
 HELD_OUT = list(range(80, 88))
 
 
-def train(argv):
+def train(argv, hooks=None):
     import train_instantId_sdxl as t
 
-    return t.main(t.parse_args(argv))
+    return t.main(t.parse_args(argv), hooks=hooks)
 
 
 def pipe_for(paths, out=None):
@@ -63,8 +63,8 @@ def run_identity(
         for v in variants if seed == seeds[0] else ("ok",):
             out = work / f"id_{v}_{seed}"
             t0 = time.time()
-            with C.broken_trainer(None if v == "ok" else v):
-                train(C.train_args(paths, data, out, steps, seed, "--cross_id", *extra))
+            hooks = C.broken_trainer(None if v == "ok" else v)
+            train(C.train_args(paths, data, out, steps, seed, "--cross_id", *extra), hooks=hooks)
             after = C.identity_scores(pipe_for(paths, out), rec, ref_photos, ref_emb, seed)
             rows.append({"trainer": v, "seed": seed, "steps": steps, "before_same": before["same"],
                          "before_different": before["different"], "after_same": after["same"],

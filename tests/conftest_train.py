@@ -58,6 +58,17 @@ def make_index_dataset(
     return path
 
 
+def make_index_with_missing_image(root: Path, missing: str = "gone.png") -> tuple[Path, int]:
+    """:func:`make_index_dataset` whose second line points at an image that does not exist; → (index, lines)."""
+    path = make_index_dataset(root)
+    lines = path.read_text().splitlines()
+    obj = json.loads(lines[1])
+    obj["image"] = f"imgs/{missing}"
+    lines[1] = json.dumps(obj)
+    path.write_text("\n".join(lines) + "\n")
+    return path, len(lines)
+
+
 def make_mfacetech_dataset(root: Path, n: int = 4):
     import torch
 

@@ -2,9 +2,9 @@
 use the face (identity), does cross-identity training reduce copy-paste (CrossFaceID), does more data help
 (FaceID-6M)?
 
-The training itself is the repository's trainer, passed in as ``train(argv)`` (packages never import top-level
-scripts): ``benchmarks/bench_identity.py`` and ``tests/train/test_learns_identity.py`` hand it
-``train_instantId_sdxl.main(parse_args(argv))``.
+The training itself is the repository's trainer, called by ``benchmarks/bench_identity.py`` and
+``tests/train/test_learns_identity.py`` as ``train_instantId_sdxl.main(parse_args(argv), hooks=...)`` (packages
+never import top-level scripts); :func:`broken_trainer` gives the hooks of a deliberately broken one.
 
 Face Sim of a generated image = cosine between the tiny recognizer's raw embeddings of the face found in it (the
 world's face box → keypoints → insightface ``norm_crop``; the conditioning keypoints when no face is found) and the
@@ -13,7 +13,6 @@ reference photo's embedding, exactly as evaluate.py's Face Sim on insightface ou
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,30 +212,25 @@ def train_args(paths, data: WorldSet, out, steps: int, seed: int, *extra: str) -
 BROKEN_TRAINERS = ("shuffle", "no_ip")
 
 
-@contextlib.contextmanager
+def _shuffle_faces(batch: dict) -> dict:
+    batch["face_embeds"] = batch["face_embeds"].roll(1, dims=0)
+    return batch
+
+
+def _all_but_ip_layers(model) -> list:
+    return [p for n, p in model.named_parameters() if p.requires_grad and "_ip." not in n]
+
+
 def broken_trainer(kind: str | None):
-    """A deliberately broken trainer for as long as the block runs: ``shuffle`` (face embeddings rolled across the
-    batch: every sample gets another's face) or ``no_ip`` (the IP layers left out of the optimizer); ``None``:
-    the trainer as it is."""
-    import faceid.train.dataset as ds
-    import faceid.train.model as tm
+    """The trainer's hooks (``main(args, hooks=...)``) of a deliberately broken trainer: ``shuffle`` (face
+    embeddings rolled across the batch: every sample gets another's face) or ``no_ip`` (the IP layers left out of
+    the optimizer); ``None``: the trainer as it is."""
+    from faceid.train.config import TrainHooks
 
-    saved = ds.collate, tm.trainable_parameters
     if kind == "shuffle":
-
-        def collate(examples):
-            out = saved[0](examples)
-            out["face_embeds"] = out["face_embeds"].roll(1, dims=0)
-            return out
-
-        ds.collate = collate
-    elif kind == "no_ip":
-        tm.trainable_parameters = lambda model: [
-            p for n, p in model.named_parameters() if p.requires_grad and "_ip." not in n
-        ]
-    elif kind is not None:
+        return TrainHooks(batch=_shuffle_faces)
+    if kind == "no_ip":
+        return TrainHooks(trainable_parameters=_all_but_ip_layers)
+    if kind is not None:
         raise ValueError(f"unknown broken trainer {kind!r} (one of {BROKEN_TRAINERS})")
-    try:
-        yield
-    finally:
-        ds.collate, tm.trainable_parameters = saved
+    return TrainHooks()

@@ -10,6 +10,7 @@ from conftest_train import make_index_dataset, tiny_args
 from safetensors.torch import load_file
 
 import train_instantId_sdxl as train
+from faceid.train.config import TrainHooks
 from ip_adapter.weights import read_adapter
 
 
@@ -46,7 +47,9 @@ def test_ema_export_is_the_formula_and_resume_continues_it(tiny_dir, tmp_path):
     )  # the export is the average, not the last step
 
     parted = tmp_path / "parted"
-    res = train.main(train.parse_args(tiny_args(tiny_dir, parted, *common, "--stop_after_steps", "2")))
+    res = train.main(
+        train.parse_args(tiny_args(tiny_dir, parted, *common)), hooks=TrainHooks(stop_after_steps=2)
+    )
     assert not res.completed
     train.main(train.parse_args(tiny_args(tiny_dir, parted, *common, "--resume_from_checkpoint", "latest")))
     assert max_diff(weights(parted), final) < 1e-6

@@ -18,6 +18,7 @@ from conftest_train import (
     env_offline,
     make_faceid6m_dataset,
     make_index_dataset,
+    make_index_with_missing_image,
     make_mfacetech_dataset,
     make_seed_dataset,
     tiny_args,
@@ -26,14 +27,15 @@ from safetensors.torch import load_file
 
 import train_instantId_sdxl as train
 from faceid.train import checkpoints as ckpt
+from faceid.train.config import TrainHooks
 from faceid.train.records import BadDataError
 from ip_adapter.weights import read_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(tiny, out, *extra):
-    return train.main(train.parse_args(tiny_args(tiny, out, *extra)))
+def run(tiny, out, *extra, hooks=None):
+    return train.main(train.parse_args(tiny_args(tiny, out, *extra)), hooks=hooks)
 
 
 def adapter(path):
@@ -197,7 +199,7 @@ def test_exact_resume_latest_partial_and_pruning(tiny_dir, index_data, tmp_path)
     run(tiny, straight, *common)
     parted = tmp_path / "parted"
     # killed after step 3: checkpoint-2 is complete; a crash mid-way through checkpoint-4 leaves a partial
-    res = run(tiny, parted, *common, "--checkpoints_total_limit", "2", "--stop_after_steps", "3")
+    res = run(tiny, parted, *common, "--checkpoints_total_limit", "2", hooks=TrainHooks(stop_after_steps=3))
     assert not res.completed and not (parted / "ip-adapter.bin").exists()
     (parted / ".checkpoint-4.partial").mkdir()
     (parted / "checkpoint-5").mkdir()  # no trainer_state.json: not complete
@@ -228,12 +230,7 @@ def test_exact_resume_latest_partial_and_pruning(tiny_dir, index_data, tmp_path)
 
 
 def test_skip_bad_samples_trains_on_the_rest(tiny_dir, tmp_path):
-    path = make_index_dataset(tmp_path / "d")
-    lines = path.read_text().splitlines()
-    obj = json.loads(lines[1])
-    obj["image"] = "imgs/gone.png"
-    lines[1] = json.dumps(obj)
-    path.write_text("\n".join(lines) + "\n")
+    path, n_lines = make_index_with_missing_image(tmp_path / "d")
     with pytest.raises(BadDataError, match="gone.png"):
         run(tiny_dir, tmp_path / "o1", "--data_json_file", str(path), "--max_train_steps", "1")
     run(
@@ -249,10 +246,10 @@ def test_skip_bad_samples_trains_on_the_rest(tiny_dir, tmp_path):
     for line in (tmp_path / "o2" / "samples" / "rank-0.jsonl").read_text().splitlines():
         for b in json.loads(line)["batches"]:
             seen.update(b["index"])
-    assert seen and max(seen) < len(lines) - 1  # indices into the 6 good records
+    assert seen and max(seen) < n_lines - 1  # indices into the 6 good records
 
 
-def test_nonfinite_loss_skips_then_stops(tiny_dir, index_data, tmp_path, monkeypatch):
+def test_nonfinite_loss_skips_then_stops(tiny_dir, index_data, tmp_path):
     import faceid.train.model as training
 
     real = training.compute_loss
@@ -263,10 +260,9 @@ def test_nonfinite_loss_skips_then_stops(tiny_dir, index_data, tmp_path, monkeyp
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] in (2,) or calls["n"] >= 4 else loss
 
-    monkeypatch.setattr(training, "compute_loss", flaky)
     with pytest.raises(RuntimeError, match="non-finite"):
         run(tiny_dir, tmp_path / "o", "--data_json_file", str(index_data), "--max_train_steps", "8",
-            "--max_nonfinite_steps", "3")  # fmt: skip
+            "--max_nonfinite_steps", "3", hooks=TrainHooks(compute_loss=flaky))  # fmt: skip
     log = [json.loads(x)["step"] for x in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
     assert log == [1, 3]
 
@@ -311,12 +307,7 @@ def test_two_processes_gloo(tiny_dir, index_data, tmp_path):
 def test_user_errors_print_what_to_do_and_exit_2_without_traceback(tiny_dir, tmp_path, capsys):
     from faceid.train.errors import run_cli
 
-    path = make_index_dataset(tmp_path / "d")
-    lines = path.read_text().splitlines()
-    obj = json.loads(lines[1])
-    obj["image"] = "imgs/gone.png"
-    lines[1] = json.dumps(obj)
-    path.write_text("\n".join(lines) + "\n")
+    path, _ = make_index_with_missing_image(tmp_path / "d")
     argv = tiny_args(tiny_dir, tmp_path / "o", "--data_json_file", str(path), "--max_train_steps", "1")
     proc = subprocess.run([sys.executable, str(ROOT / "train_instantId_sdxl.py"), *argv], cwd=tmp_path,
                           env=env_offline(), capture_output=True, text=True, timeout=240)  # fmt: skip

@@ -108,14 +108,6 @@ def main(args) -> int:
     from faceid.mine import pairs as P
     from faceid.mine import report as R
     from faceid.prep.engine import dist_env
-    from faceid.schema import (
-        CLUSTER_COS_KEY,
-        CLUSTER_PHOTOS_KEY,
-        CLUSTER_SIZE_KEY,
-        GIVEN_PERSON_KEY,
-        PERSON_KEY,
-        REFERENCE_KEY,
-    )
 
     started = time.perf_counter()
     out = Path(args.output)
@@ -199,32 +191,7 @@ def main(args) -> int:
                 cluster_name[c] = g
 
     # 4. the new index (atomic), same line order; lines not mined are copied unchanged
-    keys = index.keys
-    at = {pos: i for i, pos in enumerate(rows)}
-    written = []
-    for pos, obj in enumerate(index.objs):
-        i = at.get(pos)
-        if obj is None or i is None:
-            written.append(index.raw[pos])
-            continue
-        o = io.rebased(obj, index.root, str(out_dir))
-        c = int(labels[i])
-        name = cluster_name[c]
-        if given[i] is not None and given[i] != name:
-            o[GIVEN_PERSON_KEY] = given[i]
-        o[PERSON_KEY] = name
-        o[CLUSTER_SIZE_KEY] = int(res.sizes[c])
-        o[CLUSTER_COS_KEY] = None if np.isnan(res.mean_cos[c]) else round(float(res.mean_cos[c]), 4)
-        o[CLUSTER_PHOTOS_KEY] = int(pr.photos[c])
-        if args.pairs == "fixed":
-            if pr.refs[i]:
-                o[REFERENCE_KEY] = {"ids": [keys[rows[j]] for j in pr.refs[i]]}
-            elif res.sizes[c] > 1:
-                # only near-duplicates of itself: its own embedding, so --cross_id cannot pick a duplicate
-                o[REFERENCE_KEY] = {"id": keys[pos]}
-            else:
-                o.pop(REFERENCE_KEY, None)
-        written.append(o)
+    written = mined_lines(args, index, out_dir, rows, labels, given, res, pr, cluster_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     io.write_index(out, written)
 
@@ -257,20 +224,7 @@ def main(args) -> int:
     if names:  # agreement with the given labels, over the labelled photos
         lab = np.flatnonzero(given_num >= 0)
         summary["purity"], summary["inverse_purity"] = C.purity(labels[lab], given_num[lab])
-    order = np.argsort(-res.sizes, kind="stable")[: args.contact_persons]
-    faces = io.face_sources(index)
-    faces = [faces[r] for r in use]
-    members = {int(c): [] for c in order}
-    for i, c in enumerate(labels.tolist()):
-        if c in members and len(members[c]) < CONTACT_PER_ROW:
-            members[c].append(faces[i])
-    sheet_rows = []
-    for c in order:
-        cos = "" if np.isnan(res.mean_cos[c]) else f"cos {res.mean_cos[c]:.2f}"
-        sheet_rows.append((f"{cluster_name[c]}\n{res.sizes[c]} photos\n{cos}", members[int(c)]))
-    summary["contact_sheet"] = R.contact_sheet(
-        sheet_rows, report_dir / "contact_sheet.png", per_row=CONTACT_PER_ROW
-    )
+    summary["contact_sheet"] = contact_sheet(args, index, use, labels, res, cluster_name, report_dir)
     write_json_atomic(report_dir / "report.json", summary)
     text = R.format_histogram(hist)
     write_text_atomic(report_dir / "histogram.txt", text + "\n")
@@ -285,6 +239,71 @@ def main(args) -> int:
             print(f"  {cluster_name[c]} mixes " + ", ".join(f"{g} x{n}" for g, n in d.items()))
     print(f"[mine_identities] wrote {out} and {report_dir}/ (report.json, histogram.txt, contact_sheet.png)")
     return 0
+
+
+def mined_lines(args, index, out_dir, rows, labels, given, res, pr, cluster_name) -> list:
+    """The new index's lines, in the input's order: mined lines get person, cluster figures and references;
+    lines not mined are copied unchanged."""
+    import numpy as np
+
+    from faceid.mine import index_io as io
+    from faceid.schema import (
+        CLUSTER_COS_KEY,
+        CLUSTER_PHOTOS_KEY,
+        CLUSTER_SIZE_KEY,
+        GIVEN_PERSON_KEY,
+        PERSON_KEY,
+        REFERENCE_KEY,
+    )
+
+    keys = index.keys
+    at = {pos: i for i, pos in enumerate(rows)}
+    written = []
+    for pos, obj in enumerate(index.objs):
+        i = at.get(pos)
+        if obj is None or i is None:
+            written.append(index.raw[pos])
+            continue
+        o = io.rebased(obj, index.root, str(out_dir))
+        c = int(labels[i])
+        name = cluster_name[c]
+        if given[i] is not None and given[i] != name:
+            o[GIVEN_PERSON_KEY] = given[i]
+        o[PERSON_KEY] = name
+        o[CLUSTER_SIZE_KEY] = int(res.sizes[c])
+        o[CLUSTER_COS_KEY] = None if np.isnan(res.mean_cos[c]) else round(float(res.mean_cos[c]), 4)
+        o[CLUSTER_PHOTOS_KEY] = int(pr.photos[c])
+        if args.pairs == "fixed":
+            if pr.refs[i]:
+                o[REFERENCE_KEY] = {"ids": [keys[rows[j]] for j in pr.refs[i]]}
+            elif res.sizes[c] > 1:
+                # only near-duplicates of itself: its own embedding, so --cross_id cannot pick a duplicate
+                o[REFERENCE_KEY] = {"id": keys[pos]}
+            else:
+                o.pop(REFERENCE_KEY, None)
+        written.append(o)
+    return written
+
+
+def contact_sheet(args, index, use, labels, res, cluster_name, report_dir):
+    """The largest persons, a few photos each, as one image (the report's contact_sheet.png)."""
+    import numpy as np
+
+    from faceid.mine import index_io as io
+    from faceid.mine import report as R
+
+    order = np.argsort(-res.sizes, kind="stable")[: args.contact_persons]
+    faces = io.face_sources(index)
+    faces = [faces[r] for r in use]
+    members = {int(c): [] for c in order}
+    for i, c in enumerate(labels.tolist()):
+        if c in members and len(members[c]) < CONTACT_PER_ROW:
+            members[c].append(faces[i])
+    sheet_rows = []
+    for c in order:
+        cos = "" if np.isnan(res.mean_cos[c]) else f"cos {res.mean_cos[c]:.2f}"
+        sheet_rows.append((f"{cluster_name[c]}\n{res.sizes[c]} photos\n{cos}", members[int(c)]))
+    return R.contact_sheet(sheet_rows, report_dir / "contact_sheet.png", per_row=CONTACT_PER_ROW)
 
 
 if __name__ == "__main__":

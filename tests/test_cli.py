@@ -22,10 +22,13 @@ def _run(*argv, cwd=ROOT):
          "no face-analysis models in"),
         (["evaluate.py", "{tmp}/missing/settings.json", "--out", "{tmp}/ev"], "not found: "),
         (["infer_from_pkl.py", "--face_adapter", "{tmp}/nope.bin"], "face adapter not found"),
+        (["evaluate.py", "--protocol", "{tmp}/protocol.json", "--checkpoint", "a={tmp}", "--out", "{tmp}/ev"],
+         "faces folder not found: "),  # raised by faceid/eval/grid.py as InputError
     ],
 )  # fmt: skip
 def test_user_errors_exit_2_without_traceback(tmp_path, argv, expected):
     (tmp_path / "a.png").write_bytes(b"")  # something to index
+    (tmp_path / "protocol.json").write_text('{"faces_dir": "no_faces", "prompts": ["a photo"]}')
     proc = _run(*[a.format(tmp=tmp_path) for a in argv])
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import conftest_face
 import numpy as np
+import pytest
 from conftest_face import face_array, face_image
 from PIL import Image
 
@@ -277,3 +278,21 @@ def test_kill_two_processes_and_resume(tmp_path, tiny_face_root):
         b = np.load(ref / e["file"], mmap_mode="r")[e["row"]]
         assert np.allclose(a, b, atol=1e-5)
     assert (out / "parts" / "done-w002-r00001.json").exists()
+
+
+def test_library_raises_input_errors_for_rerun_and_rank(tmp_path, monkeypatch):
+    """The parts store and the launcher environment raise InputError (the scripts turn it into a message)."""
+    from faceid.errors import InputError
+    from faceid.prep.engine import dist_env
+    from faceid.prep.parts import PartStore
+
+    store = PartStore(tmp_path / "out")
+    store.dir.mkdir(parents=True)
+    store.check_config({"det_size": 640, "filters": "none"})
+    store.check_config({"det_size": 640, "filters": "none"})  # the same arguments resume
+    with pytest.raises(InputError, match=r"different arguments \(det_size\).*fresh --output"):
+        store.check_config({"det_size": 320, "filters": "none"})
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="RANK=2 is outside WORLD_SIZE=2"):
+        dist_env()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import precompute_cache as pc
 import train_instantId_sdxl as train
+from faceid.train import config
 from faceid.train.errors import TrainingInputError, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,7 +132,7 @@ def test_cache_built_otherwise_is_refused_naming_the_difference(tiny_dir, index_
     from faceid.train.transforms import scaled_buckets
 
     with pytest.raises(TrainingInputError, match=r"vae\.sha256: cache"):
-        train.open_disk_cache(args, enc, source, scaled_buckets(64), [], [])
+        config.open_disk_cache(args, enc, source, scaled_buckets(64), [], [])
     # A flip-less cache cannot serve --random_flip.
     man = json.loads((cache / dc.MANIFEST).read_text())
     man["flip"] = "none"
@@ -140,7 +141,7 @@ def test_cache_built_otherwise_is_refused_naming_the_difference(tiny_dir, index_
     (noflip / dc.MANIFEST).write_text(json.dumps(man))
     args.precomputed_cache, args.random_flip = str(noflip), 0.5
     with pytest.raises(TrainingInputError, match=r"flip: cache \"none\", this run \"both"):
-        train.open_disk_cache(
+        config.open_disk_cache(
             args, load_encoders(args, torch.float32, "cpu"), source, scaled_buckets(64), [], []
         )
 

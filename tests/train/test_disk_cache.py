@@ -178,3 +178,21 @@ def test_killed_precompute_resumes_without_recomputing(tiny_dir, index_cache, tm
     assert len(keys) == len(set(keys)) == total  # every work item once
     got, want = tensors(out), tensors(reference)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_trainer_and_cache_builder_share_flags_and_checks(tmp_path):
+    """One definition of the model/data flags and the data-source check (faceid/train/config.py): the same
+    command-line words mean the same to train_instantId_sdxl.py and precompute_cache.py."""
+    index = make_index_dataset(tmp_path / "d")
+    shared = ["--pretrained_model_name_or_path", "m", "--revision", "r", "--no-vae_in_weight_dtype",
+              "--data_json_file", str(index), "--data_format", "index", "--data_root_path", "root",
+              "--skip_bad_samples", "--resolution", "96", "--aspect_ratio_buckets", "--bucket_multiple", "32"]  # fmt: skip
+    a = vars(train.parse_args(shared))
+    b = vars(pc.parse_args([*shared, "--output", str(tmp_path / "c")]))
+    keys = {k for k in b if k in a} - {"mixed_precision"}
+    assert len(keys) == 13 and {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    two = pc.parse_args(["--data_json_file", str(index), "--train_shards", str(tmp_path), "--output", "c"])
+    with pytest.raises(TrainingInputError, match="exactly one of"):
+        pc.source_items(two)
+    with pytest.raises(TrainingInputError, match="exactly one of"):
+        train.check_args(train.parse_args(["--data_json_file", str(index), "--train_shards", str(tmp_path)]))

@@ -12,6 +12,7 @@ from pipeline_calls import KPS, PROMPT, emb, run  # noqa: F401  (shared pipeline
 
 import pipeline_stable_diffusion_xl_instantid as P
 from faceid.face.kps import draw_kps
+from faceid.generation.prompts import _token_count
 
 
 def photo(size=(64, 64), seed=1):
@@ -157,7 +158,7 @@ def test_weighted_prompts(tiny_pipe):
 
 def test_long_prompt_runs_with_every_token(tiny_pipe):
     words = " ".join(f"w{i}" for i in range(100))  # ~200+ tokens
-    assert P._token_count(tiny_pipe.tokenizer, words) > 200
+    assert _token_count(tiny_pipe.tokenizer, words) > 200
     embeds = tiny_pipe.encode_weighted_prompt(words, device="cpu", negative_prompt="(ugly:1.2)")
     assert embeds[0].shape[1] % 77 == 0 and embeds[0].shape[1] > 77 and embeds[0].shape == embeds[1].shape
     out = run(tiny_pipe, prompt=words, negative_prompt="(ugly:1.2)")

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
+class LoraError(ValueError):
+    """A LoRA that cannot be loaded (missing file, peft missing, a LoRA for another model); names the spec."""
+
+
 def parse_lora_spec(spec: str) -> tuple[str, float]:
     """``"path/to/lora.safetensors:0.8"`` → ``(path, 0.8)``; without ``:SCALE`` the scale is 1.0."""
     path, sep, scale = str(spec).rpartition(":")
@@ -27,10 +31,13 @@ def load_loras(pipe, specs) -> list[str]:
             raise FileNotFoundError(f"LoRA not found: {path}")
         name = f"lora{i}"
         p = Path(path)
-        if p.is_file():
-            pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=name)
-        else:
-            pipe.load_lora_weights(str(p), adapter_name=name)
+        try:
+            if p.is_file():
+                pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=name)
+            else:
+                pipe.load_lora_weights(str(p), adapter_name=name)
+        except (ValueError, OSError) as exc:
+            raise LoraError(f"LoRA {path} not loaded ({type(exc).__name__}: {exc})") from exc
         names.append(name)
         weights.append(scale)
     if names:

@@ -107,15 +107,8 @@ def apply_tiny(args) -> list[str]:
     from faceid.tiny.faces import write_synthetic_face
     from faceid.tiny.models import point_defaults_at_tiny
 
-    point_defaults_at_tiny(
-        args,
-        {
-            "base_model": BASE_MODEL_PATH,
-            "controlnet": CONTROLNET_PATH,
-            "face_adapter": FACE_ADAPTER,
-            "face_root": FACE_ROOT,
-        },
-    )
+    paths = dict(base_model=BASE_MODEL_PATH, controlnet=CONTROLNET_PATH, face_adapter=FACE_ADAPTER)
+    point_defaults_at_tiny(args, dict(paths, face_root=FACE_ROOT))
     if args.lcm_lora == LCM_LORA:
         args.lcm_lora = str(Path(args.tiny) / "checkpoints" / "lcm-lora" / "pytorch_lora_weights.safetensors")
     D.shrink_for_tiny(args)

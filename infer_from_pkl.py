@@ -187,15 +187,8 @@ def apply_tiny(args) -> None:
     from faceid.tiny.models import point_defaults_at_tiny
 
     # Only paths left at their defaults point into DIR: a trained --face_adapter/--controlnet is kept.
-    point_defaults_at_tiny(
-        args,
-        {
-            "base_model": BASE_MODEL_PATH,
-            "controlnet": CONTROLNET_PATH,
-            "face_adapter": FACE_ADAPTER,
-            "face_root": ".",
-        },
-    )
+    paths = dict(base_model=BASE_MODEL_PATH, controlnet=CONTROLNET_PATH, face_adapter=FACE_ADAPTER)
+    point_defaults_at_tiny(args, dict(paths, face_root="."))
     if args.face_image == FACE_IMAGE:
         from faceid.face.face_info import save_face_info
         from faceid.tiny.faces import synthetic_face_array, write_synthetic_face
@@ -234,27 +227,6 @@ def face_from_args(args):
     return image.resize(size), info["embedding"], kps
 
 
-def set_scheduler(pipe, name: str) -> None:
-    """Use scheduler ``name``; "default" restores the one the model came with (a reused pipeline may have been
-    switched by an earlier call)."""
-    import diffusers
-
-    if not hasattr(pipe, "_default_scheduler"):
-        pipe._default_scheduler = pipe.scheduler
-
-    classes = {
-        "euler": "EulerDiscreteScheduler",
-        "euler_a": "EulerAncestralDiscreteScheduler",
-        "dpm++": "DPMSolverMultistepScheduler",
-        "lcm": "LCMScheduler",
-        "ddim": "DDIMScheduler",
-    }
-    default = pipe._default_scheduler
-    pipe.scheduler = (
-        default if name == "default" else getattr(diffusers, classes[name]).from_config(default.config)
-    )
-
-
 def pipeline_key(args) -> tuple:
     """What identifies a loaded pipeline: callers that keep one (the evaluation grid) reuse it while this is equal."""
     return (
@@ -273,29 +245,26 @@ def pipeline_key(args) -> tuple:
 
 def load_from_args(args):
     """The pipeline for ``args``'s weights, device and dtype, with its VAE, LoRAs and memory options."""
+    from faceid.generation.loras import LoraError
     from faceid.runtime import pick_device_dtype
-    from pipeline_stable_diffusion_xl_instantid import apply_memory_options, load_loras, load_pipeline
+    from pipeline_stable_diffusion_xl_instantid import load_pipeline
 
     device, dtype = pick_device_dtype(args.device, args.dtype)
-    vae = getattr(args, "vae", None)
-    pipe = load_pipeline(
-        args.base_model, args.controlnet, args.face_adapter, device=device, dtype=dtype, vae=vae
-    )
-    loras = getattr(args, "lora", None) or []
-    if loras:
-        try:
-            load_loras(pipe, loras)
-        except (FileNotFoundError, ValueError) as exc:
-            raise SystemExit(f"--lora: {exc}") from exc
-    offload = getattr(args, "offload", "none")
-    apply_memory_options(
-        pipe,
-        offload=offload,
-        vae_slicing=getattr(args, "vae_slicing", False),
-        vae_tiling=getattr(args, "vae_tiling", False),
-        device=device if offload != "none" else None,
-    )
-    return pipe
+    try:
+        return load_pipeline(
+            args.base_model,
+            args.controlnet,
+            args.face_adapter,
+            device=device,
+            dtype=dtype,
+            vae=getattr(args, "vae", None),
+            loras=getattr(args, "lora", None) or (),
+            offload=getattr(args, "offload", "none"),
+            vae_slicing=getattr(args, "vae_slicing", False),
+            vae_tiling=getattr(args, "vae_tiling", False),
+        )
+    except LoraError as exc:
+        raise SystemExit(f"--lora: {exc}") from exc
 
 
 def parse_boxes(text: str) -> list[list[float]]:

@@ -3,7 +3,7 @@ any model runs (``StableDiffusionXLInstantIDPipeline.check_inputs`` calls :func:
 
 from __future__ import annotations
 
-from faceid.generation.conditioning import per_net as _per_net
+from faceid.generation.conditioning import per_net
 
 
 def check_call_inputs(
@@ -92,8 +92,8 @@ def check_call_inputs(
     ):
         if isinstance(value, (list, tuple)) and len(value) != len(nets):
             raise ValueError(f"{name} has {len(value)} values for {len(nets)} ControlNets")
-    starts = _per_net(control_guidance_start, len(nets))
-    ends = _per_net(control_guidance_end, len(nets))
+    starts = per_net(control_guidance_start, len(nets))
+    ends = per_net(control_guidance_end, len(nets))
     for s, e in zip(starts, ends):
         if not 0.0 <= s < e <= 1.0:
             raise ValueError(

@@ -68,7 +68,9 @@ class GenerationRequest:
     def kps_image(self) -> Image.Image:
         """The keypoints the request is generated with (every person's with several people)."""
         if self.mode == "people":
-            return people_kps_image(self.size, [p["bbox"] for p in self.people], [p["kps"] for p in self.people])
+            return people_kps_image(
+                self.size, [p["bbox"] for p in self.people], [p["kps"] for p in self.people]
+            )
         from faceid.face.kps import draw_kps
 
         return draw_kps(self.size, self.kps)

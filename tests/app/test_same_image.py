@@ -90,3 +90,20 @@ def test_lcm_gives_the_same_image(tiny_dir, tiny_paths, faces, tmp_path):
     np.testing.assert_array_equal(got, want)
     plain, _ = _app(studio, cond, steps=D.LCM_STEPS, guidance_scale=D.LCM_GUIDANCE)
     assert not np.array_equal(plain, got)  # the scheduler and the LoRA did change the picture
+
+
+def test_the_generation_scripts_import_no_script_but_the_pipeline_module():
+    """``app.py`` and ``infer_from_pkl.py`` share code through ``faceid/generation``, never through each other."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    scripts = {p.stem for p in root.glob("*.py")}
+    for name in ("app.py", "infer_from_pkl.py"):
+        imported = set()
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        assert imported & scripts == {"pipeline_stable_diffusion_xl_instantid"}, name

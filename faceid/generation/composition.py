@@ -146,23 +146,12 @@ def face_inpaint(
     return (result, mask) if return_mask else result
 
 
-def face_detail(
-    pipe,
-    image,
-    image_embeds,
-    prompt,
-    bbox=None,
-    kps=None,
-    analyzer=None,
-    strength=FACE_DETAIL_STRENGTH,
-    **kwargs,
-):
+def face_detail(pipe, image, image_embeds, prompt, strength=FACE_DETAIL_STRENGTH, **kwargs):
     """Face-detail pass for small faces: regenerate the face region of a generated ``image`` larger (at
-    ``size``, default :data:`INPAINT_SIZE`) with the same identity and paste it back (:func:`face_inpaint` with a lower
-    ``strength``, so the composition stays and the face gains detail)."""
-    return face_inpaint(
-        pipe, image, image_embeds, prompt, bbox=bbox, kps=kps, analyzer=analyzer, strength=strength, **kwargs
-    )
+    ``size``, default :data:`INPAINT_SIZE`) with the same identity and paste it back (:func:`face_inpaint`'s
+    arguments, ``bbox``/``kps``/``analyzer`` included, with a lower ``strength``, so the composition stays and
+    the face gains detail)."""
+    return face_inpaint(pipe, image, image_embeds, prompt, strength=strength, **kwargs)
 
 
 def people_from_detections(bboxes, kpss, count: int, frame, size):

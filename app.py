@@ -157,11 +157,8 @@ def _notes_text(settings: dict) -> str:
 
 
 UPLOADS = ("face_files", "face_info", "pose")  # first inputs of both buttons
-EXTRA_UPLOADS = (
-    "target",
-    "person2",
-    "person3",
-)  # last, optional for gradio_client (older calls keep working)
+# Last, with None defaults: optional for gradio_client (older calls keep working).
+EXTRA_UPLOADS = ("target", "person2", "person3")
 
 
 def _handler(studio: Studio, bar, failed, compare: bool):
@@ -170,14 +167,11 @@ def _handler(studio: Studio, bar, failed, compare: bool):
     written out: the uploads, ``weights`` (Compare only), the options, the extra uploads, ``progress``."""
     import gradio as gr
 
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     names = [*UPLOADS, *(["weights"] if compare else []), *DEFAULT_OPTIONS]
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
-    params += [
-        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in EXTRA_UPLOADS
-    ]
-    params.append(
-        inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())
-    )
+    params = [inspect.Parameter(n, kind) for n in names]
+    params += [inspect.Parameter(n, kind, default=None) for n in EXTRA_UPLOADS]
+    params.append(inspect.Parameter("progress", kind, default=gr.Progress()))
     signature = inspect.Signature(params)
 
     def handle(*args, **kwargs):

@@ -22,6 +22,28 @@ from pathlib import Path
 
 import numpy as np
 
+from faceid.generation.defaults import (
+    CONTROLNET_SCALE,
+    FACE_DETAIL_STRENGTH,
+    GUIDANCE_SCALE,
+    INPAINT_SIZE,
+    IP_ADAPTER_SCALE,
+    LCM_GUIDANCE,
+    LCM_STEPS,
+    MASK_EXPAND,
+    MASK_FEATHER,
+    MAX_SIDE,
+    MIN_SIDE,
+    NEGATIVE_PROMPT,
+    REGION_SCALE,
+    SEED,
+    STEPS,
+    check_weights,
+    shrink_for_tiny,
+)
+from faceid.generation.memory import OFFLOAD_CHOICES
+from faceid.generation.schedulers import SCHEDULERS
+
 # ---- defaults: edit these ----------------------------------------------------------------------
 BASE_MODEL_PATH = "stabilityai/stable-diffusion-xl-base-1.0"
 FACE_ADAPTER = "checkpoints/ip-adapter.bin"
@@ -34,23 +56,10 @@ PROMPTS = [
     "analog film photo of a person in a cafe, smiling, 35mm photograph, film grain, highly detailed",
     "portrait of a person as an astronaut, looking to the side, cinematic lighting",
 ]
-NEGATIVE_PROMPT = (
-    "(lowres, low quality, worst quality:1.2), (text:1.2), watermark, painting, drawing, illustration, "
-    "glitch, deformed, mutated, cross-eyed, ugly, disfigured"
-)
 OUTPUT_DIR = "outputs"
 NUM_IMAGES = 1  # per prompt
-SEED = 42
-STEPS = 30
-GUIDANCE_SCALE = 5.0
-IP_ADAPTER_SCALE = 0.8
-CONTROLNET_SCALE = 0.8
+# Steps, guidance, scales, negative prompt and the LCM settings: faceid/generation/defaults.py (shared with app.py).
 # ------------------------------------------------------------------------------------------------
-
-SCHEDULERS = ("default", "euler", "euler_a", "dpm++", "lcm", "ddim")
-# LCM(-LoRA) wants few steps and little guidance; used when --scheduler lcm is given and these are left at default.
-LCM_STEPS = 6
-LCM_GUIDANCE = 1.5
 
 
 def parse_args(argv=None):
@@ -80,8 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", choices=SCHEDULERS, default="default")
     p.add_argument("--width", type=int, default=None, help="output size; default: the face image resized")
     p.add_argument("--height", type=int, default=None)
-    p.add_argument("--min_side", type=int, default=1024)
-    p.add_argument("--max_side", type=int, default=1280)
+    p.add_argument("--min_side", type=int, default=MIN_SIDE)
+    p.add_argument("--max_side", type=int, default=MAX_SIDE)
     p.add_argument("--output_dir", default=OUTPUT_DIR)
     p.add_argument("--skip_existing", action="store_true", help="keep images already in --output_dir")
     p.add_argument("--device", default="auto")
@@ -114,14 +123,16 @@ def parse_args(argv=None):
     g.add_argument(
         "--inpaint_bbox", default=None, help="x1,y1,x2,y2 of the face to replace (default: detected)"
     )
-    g.add_argument("--mask_expand", type=float, default=1.3, help="inpaint mask: face box grown this much")
     g.add_argument(
-        "--mask_feather", type=float, default=0.2, help="inpaint mask: soft edge, share of the box"
+        "--mask_expand", type=float, default=MASK_EXPAND, help="inpaint mask: face box grown this much"
+    )
+    g.add_argument(
+        "--mask_feather", type=float, default=MASK_FEATHER, help="inpaint mask: soft edge, share of the box"
     )
     g.add_argument(
         "--inpaint_size",
         type=int,
-        default=1024,
+        default=INPAINT_SIZE,
         help="inpainting/face detail: generation size of the face crop",
     )
     g.add_argument(
@@ -129,7 +140,8 @@ def parse_args(argv=None):
         action="append",
         default=[],
         metavar="PATH",
-        help="several people: face-info file of one more person (repeatable; people go left to right)",
+        help="several people: face-info file of one more person (repeatable; people go left to right among the "
+        "largest faces of --pose_image)",
     )
     g.add_argument(
         "--face_boxes",
@@ -137,13 +149,15 @@ def parse_args(argv=None):
         help="several people: 'x1,y1,x2,y2;x1,y1,x2,y2' in output pixels "
         "(default: the faces found in --pose_image)",
     )
-    g.add_argument("--region_scale", type=float, default=2.0, help="several people: region = face box x this")
+    g.add_argument(
+        "--region_scale", type=float, default=REGION_SCALE, help="several people: region = face box x this"
+    )
     g.add_argument(
         "--face_detail",
         action="store_true",
         help="after generating, regenerate the face larger with the same identity and paste it back",
     )
-    g.add_argument("--face_detail_strength", type=float, default=0.45)
+    g.add_argument("--face_detail_strength", type=float, default=FACE_DETAIL_STRENGTH)
     m = p.add_argument_group("LoRA and memory")
     m.add_argument(
         "--lora",
@@ -154,7 +168,7 @@ def parse_args(argv=None):
     )
     m.add_argument(
         "--offload",
-        choices=("none", "model", "sequential"),
+        choices=OFFLOAD_CHOICES,
         default="none",
         help="model: ~half the GPU memory, a little slower; sequential: least memory, much slower",
     )
@@ -173,15 +187,8 @@ def apply_tiny(args) -> None:
     from faceid.tiny.models import point_defaults_at_tiny
 
     # Only paths left at their defaults point into DIR: a trained --face_adapter/--controlnet is kept.
-    point_defaults_at_tiny(
-        args,
-        {
-            "base_model": BASE_MODEL_PATH,
-            "controlnet": CONTROLNET_PATH,
-            "face_adapter": FACE_ADAPTER,
-            "face_root": ".",
-        },
-    )
+    paths = dict(base_model=BASE_MODEL_PATH, controlnet=CONTROLNET_PATH, face_adapter=FACE_ADAPTER)
+    point_defaults_at_tiny(args, dict(paths, face_root="."))
     if args.face_image == FACE_IMAGE:
         from faceid.face.face_info import save_face_info
         from faceid.tiny.faces import synthetic_face_array, write_synthetic_face
@@ -192,10 +199,7 @@ def apply_tiny(args) -> None:
             emb = np.random.default_rng(0).standard_normal(512).astype(np.float32) * 20
             args.face_info = str(Path(args.tiny) / "examples" / "face.npz")
             save_face_info(args.face_info, {"embedding": emb, "kps": kps, "frame": np.array([256, 256])})
-    if args.min_side == 1024 and args.max_side == 1280:
-        args.min_side = args.max_side = 64
-    if args.steps == STEPS:
-        args.steps = 4
+    shrink_for_tiny(args)
 
 
 def face_from_args(args):
@@ -223,27 +227,6 @@ def face_from_args(args):
     return image.resize(size), info["embedding"], kps
 
 
-def set_scheduler(pipe, name: str) -> None:
-    """Use scheduler ``name``; "default" restores the one the model came with (a reused pipeline may have been
-    switched by an earlier call)."""
-    import diffusers
-
-    if not hasattr(pipe, "_default_scheduler"):
-        pipe._default_scheduler = pipe.scheduler
-
-    classes = {
-        "euler": "EulerDiscreteScheduler",
-        "euler_a": "EulerAncestralDiscreteScheduler",
-        "dpm++": "DPMSolverMultistepScheduler",
-        "lcm": "LCMScheduler",
-        "ddim": "DDIMScheduler",
-    }
-    default = pipe._default_scheduler
-    pipe.scheduler = (
-        default if name == "default" else getattr(diffusers, classes[name]).from_config(default.config)
-    )
-
-
 def pipeline_key(args) -> tuple:
     """What identifies a loaded pipeline: callers that keep one (the evaluation grid) reuse it while this is equal."""
     return (
@@ -262,29 +245,26 @@ def pipeline_key(args) -> tuple:
 
 def load_from_args(args):
     """The pipeline for ``args``'s weights, device and dtype, with its VAE, LoRAs and memory options."""
+    from faceid.generation.loras import LoraError
     from faceid.runtime import pick_device_dtype
-    from pipeline_stable_diffusion_xl_instantid import apply_memory_options, load_loras, load_pipeline
+    from pipeline_stable_diffusion_xl_instantid import load_pipeline
 
     device, dtype = pick_device_dtype(args.device, args.dtype)
-    vae = getattr(args, "vae", None)
-    pipe = load_pipeline(
-        args.base_model, args.controlnet, args.face_adapter, device=device, dtype=dtype, vae=vae
-    )
-    loras = getattr(args, "lora", None) or []
-    if loras:
-        try:
-            load_loras(pipe, loras)
-        except (FileNotFoundError, ValueError) as exc:
-            raise SystemExit(f"--lora: {exc}") from exc
-    offload = getattr(args, "offload", "none")
-    apply_memory_options(
-        pipe,
-        offload=offload,
-        vae_slicing=getattr(args, "vae_slicing", False),
-        vae_tiling=getattr(args, "vae_tiling", False),
-        device=device if offload != "none" else None,
-    )
-    return pipe
+    try:
+        return load_pipeline(
+            args.base_model,
+            args.controlnet,
+            args.face_adapter,
+            device=device,
+            dtype=dtype,
+            vae=getattr(args, "vae", None),
+            loras=getattr(args, "lora", None) or (),
+            offload=getattr(args, "offload", "none"),
+            vae_slicing=getattr(args, "vae_slicing", False),
+            vae_tiling=getattr(args, "vae_tiling", False),
+        )
+    except LoraError as exc:
+        raise SystemExit(f"--lora: {exc}") from exc
 
 
 def parse_boxes(text: str) -> list[list[float]]:
@@ -302,14 +282,57 @@ def parse_boxes(text: str) -> list[list[float]]:
     return boxes
 
 
-def plan_from_args(args, face_image, embedding, kps):
-    """What to generate: ``{"mode", "size", "kps_image", ...}`` from the face and the pose/inpaint/people flags."""
+def _image_flag(path, flag):
+    from faceid.face.images import ImageLoadError, load_image
+
+    try:
+        return load_image(path)
+    except (ImageLoadError, FileNotFoundError, OSError) as exc:
+        raise SystemExit(f"{flag}: {exc}") from exc
+
+
+def _people(args, embedding, size, pose_img, get_analyzer) -> list[dict]:
+    """Person 1 (the face) and one person per ``--extra_face_info``: boxes from ``--face_boxes`` or the largest
+    faces of ``--pose_image``, left to right (:func:`faceid.generation.composition.people_from_detections`)."""
+    from faceid.face.face_info import FaceInfoError, load_face_info
+    from faceid.face.images import to_bgr
+    from faceid.generation.composition import people_from_detections
+
+    embeddings = [embedding]
+    for path in args.extra_face_info:
+        try:
+            embeddings.append(load_face_info(path)["embedding"])
+        except (FaceInfoError, FileNotFoundError) as exc:
+            raise SystemExit(f"--extra_face_info {path}: {exc}") from exc
+    if args.face_boxes:
+        boxes = parse_boxes(args.face_boxes)
+        if len(boxes) != len(embeddings):
+            raise SystemExit(f"--face_boxes: {len(boxes)} box(es) for {len(embeddings)} people")
+        people_kps = [None] * len(boxes)
+    elif pose_img is not None:
+        det = get_analyzer().detect(to_bgr(pose_img))
+        try:
+            boxes, people_kps = people_from_detections(
+                det.bboxes, det.kpss, len(embeddings), pose_img.size, size
+            )
+        except ValueError as exc:
+            raise SystemExit(f"--pose_image {args.pose_image}: {exc} (give --face_boxes)") from exc
+    else:
+        raise SystemExit("several people (--extra_face_info) need --face_boxes or a --pose_image with faces")
+    return [
+        {"embeds": e, "bbox": np.asarray(b, np.float64), "kps": k}
+        for e, b, k in zip(embeddings, boxes, people_kps)
+    ]
+
+
+def request_from_args(args, face_image, embedding, kps, prompt: str):
+    """The :class:`~faceid.generation.request.GenerationRequest` for ``prompt`` from the face and the
+    pose/inpaint/people flags."""
     from PIL import Image
 
     from faceid.face.analysis import FaceAnalyzer
-    from faceid.face.images import ImageLoadError, load_image
-    from faceid.face.kps import draw_kps
-    from pipeline_stable_diffusion_xl_instantid import detect_faces, people_inputs, pose_from_image
+    from faceid.generation.composition import pose_from_image
+    from faceid.generation.request import GenerationRequest
 
     analyzer = None
 
@@ -319,19 +342,35 @@ def plan_from_args(args, face_image, embedding, kps):
             analyzer = FaceAnalyzer(args.face_root)
         return analyzer
 
-    def load(path, flag):
-        try:
-            return load_image(path)
-        except (ImageLoadError, FileNotFoundError, OSError) as exc:
-            raise SystemExit(f"{flag}: {exc}") from exc
-
+    options = dict(
+        prompt=prompt,
+        embeds=embedding,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        ip_adapter_scale=args.ip_adapter_scale,
+        controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        num_images=args.num_images,
+        inpaint_size=args.inpaint_size,
+        mask_expand=args.mask_expand,
+        mask_feather=args.mask_feather,
+        region_scale=args.region_scale,
+        face_detail=args.face_detail,
+        face_detail_strength=args.face_detail_strength,
+    )
+    if args.strength is not None:
+        options.update(strength=args.strength, inpaint_strength=args.strength)
     given = (args.width, args.height) if args.width and args.height else None
     if args.inpaint_image:
         if args.pose_image or args.extra_face_info or args.init_image:
             raise SystemExit(
                 "--inpaint_image works alone (not with --pose_image, --extra_face_info, --init_image)"
             )
-        target = load(args.inpaint_image, "--inpaint_image")
+        from faceid.face.regions import kps_from_bbox
+
+        target = _image_flag(args.inpaint_image, "--inpaint_image")
         bbox, face_kps = None, None
         if args.inpaint_bbox:
             bbox = parse_boxes(args.inpaint_bbox)[0]
@@ -340,21 +379,13 @@ def plan_from_args(args, face_image, embedding, kps):
             if face is None:
                 raise SystemExit(f"--inpaint_image {args.inpaint_image}: no face found (give --inpaint_bbox)")
             bbox, face_kps = face.bbox, face.kps
-        from faceid.face.regions import kps_from_bbox
-
         face_kps = kps_from_bbox(bbox) if face_kps is None else face_kps
-        return {
-            "mode": "inpaint",
-            "size": target.size,
-            "target": target,
-            "bbox": [float(v) for v in bbox],
-            "kps": face_kps,
-            "kps_image": draw_kps(target.size, face_kps),
-        }
+        bbox = [float(v) for v in bbox]
+        return GenerationRequest(kps=face_kps, size=target.size, target=target, face_bbox=bbox, **options)
 
-    size, pose_kps = face_image.size, kps
+    size, pose_kps, pose_img = face_image.size, kps, None
     if args.pose_image:
-        pose_img = load(args.pose_image, "--pose_image")
+        pose_img = _image_flag(args.pose_image, "--pose_image")
         try:
             pose = pose_from_image(
                 get_analyzer(), pose_img, size=given, min_side=args.min_side, max_side=args.max_side
@@ -362,124 +393,24 @@ def plan_from_args(args, face_image, embedding, kps):
         except ValueError as exc:
             raise SystemExit(f"--pose_image {args.pose_image}: {exc}") from exc
         size, pose_kps = pose["size"], pose["kps"]
-    plan = {"mode": "img2img" if args.init_image else "t2i", "size": tuple(size), "kps": pose_kps}
+    size = tuple(size)
     if args.init_image:
-        plan["init_image"] = load(args.init_image, "--init_image").resize(tuple(size), Image.LANCZOS)
-
+        options["init_image"] = _image_flag(args.init_image, "--init_image").resize(size, Image.LANCZOS)
     if args.extra_face_info or args.face_boxes:
-        from faceid.face.face_info import FaceInfoError, load_face_info
-
-        embeddings = [embedding]
-        for path in args.extra_face_info:
-            try:
-                embeddings.append(load_face_info(path)["embedding"])
-            except (FaceInfoError, FileNotFoundError) as exc:
-                raise SystemExit(f"--extra_face_info {path}: {exc}") from exc
-        if args.face_boxes:
-            boxes, people_kps = parse_boxes(args.face_boxes), None
-        elif args.pose_image:
-            found = detect_faces(get_analyzer(), pose_img)
-            if len(found) < len(embeddings):
-                raise SystemExit(
-                    f"--pose_image {args.pose_image}: {len(found)} face(s) for {len(embeddings)} people "
-                    "(give --face_boxes)"
-                )
-            # The largest faces, then left to right.
-            found = sorted(
-                found, key=lambda f: -(f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1])
-            )
-            found = sorted(found[: len(embeddings)], key=lambda f: f["bbox"][0] + f["bbox"][2])
-            sx, sy = size[0] / pose_img.size[0], size[1] / pose_img.size[1]
-            boxes = [np.asarray(f["bbox"], np.float64) * [sx, sy, sx, sy] for f in found]
-            people_kps = [np.asarray(f["kps"], np.float64) * [sx, sy] for f in found]
-        else:
-            raise SystemExit(
-                "several people (--extra_face_info) need --face_boxes or a --pose_image with faces"
-            )
-        if len(boxes) != len(embeddings):
-            raise SystemExit(f"--face_boxes: {len(boxes)} box(es) for {len(embeddings)} people")
-        faces = people_inputs(embeddings, size, boxes, kps=people_kps, region_scale=args.region_scale)
-        combined = np.maximum.reduce([np.asarray(f["image"]) for f in faces])
-        plan.update(
-            mode="people",
-            faces=faces,
-            kps_image=Image.fromarray(combined),
-            boxes=[list(map(float, b)) for b in boxes],
-        )
-        return plan
-    plan["kps_image"] = draw_kps(tuple(size), pose_kps)
-    return plan
-
-
-def generate(pipe, args, plan, prompt, embedding, generator):
-    """One image for ``prompt`` following ``plan`` (:func:`plan_from_args`)."""
-    from pipeline_stable_diffusion_xl_instantid import face_detail, face_inpaint
-
-    width, height = plan["size"]
-    common = dict(
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        ip_adapter_scale=args.ip_adapter_scale,
-        controlnet_conditioning_scale=args.controlnet_conditioning_scale,
-        generator=generator,
-    )
-    if plan["mode"] == "inpaint":
-        return face_inpaint(
-            pipe,
-            plan["target"],
-            embedding,
-            prompt,
-            bbox=plan["bbox"],
-            kps=plan["kps"],
-            size=args.inpaint_size,
-            expand=args.mask_expand,
-            feather=args.mask_feather,
-            strength=0.85 if args.strength is None else args.strength,
-            **common,
-        )
-    if plan["mode"] == "people":
-        image = pipe(prompt, faces=plan["faces"], width=width, height=height, **common).images[0]
-    else:
-        extra = {}
-        if plan["mode"] == "img2img":
-            extra = dict(
-                init_image=plan["init_image"], strength=0.8 if args.strength is None else args.strength
-            )
-        image = pipe(
-            prompt,
-            image_embeds=embedding,
-            image=plan["kps_image"],
-            width=width,
-            height=height,
-            **extra,
-            **common,
-        ).images[0]
-    if args.face_detail and plan["mode"] != "people":
-        from faceid.face.regions import bbox_from_kps
-
-        image = face_detail(
-            pipe,
-            image,
-            embedding,
-            prompt,
-            bbox=bbox_from_kps(plan["kps"]),
-            kps=plan["kps"],
-            size=args.inpaint_size,
-            strength=args.face_detail_strength,
-            **common,
-        )
-    return image
+        options["people"] = _people(args, embedding, size, pose_img, get_analyzer)
+    return GenerationRequest(kps=pose_kps, size=size, **options)
 
 
 def main(args, pipe=None):
     """Generate every prompt × seed; ``pipe`` (from :func:`load_from_args` with an equal :func:`pipeline_key`)
     skips loading the weights again."""
-    import torch
+    from dataclasses import replace
 
     from faceid.face.face_info import FaceInfoError
     from faceid.face.images import ImageLoadError
     from faceid.files import atomic_path, write_json_atomic
+    from faceid.generation.loras import parse_lora_spec
+    from faceid.generation.request import generate
 
     if args.tiny:
         apply_tiny(args)
@@ -489,41 +420,35 @@ def main(args, pipe=None):
         if args.guidance_scale == GUIDANCE_SCALE:
             args.guidance_scale = LCM_GUIDANCE
     prompts = args.prompt or PROMPTS
-    for label, path in (("face adapter", args.face_adapter), ("IdentityNet", args.controlnet)):
-        if not Path(path).exists():
-            raise SystemExit(f"{label} not found: {path} (run `python download.py` or pass --tiny DIR)")
+    try:
+        check_weights(args.face_adapter, args.controlnet)
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from exc
     for spec in args.lora:
-        from pipeline_stable_diffusion_xl_instantid import parse_lora_spec
-
         if not Path(parse_lora_spec(spec)[0]).exists():
             raise SystemExit(f"--lora: not found: {parse_lora_spec(spec)[0]}")
     try:
         face_image, embedding, kps = face_from_args(args)
     except (FaceInfoError, ImageLoadError) as exc:
         raise SystemExit(str(exc)) from exc
-    plan = plan_from_args(args, face_image, embedding, kps)
-    kps_image = plan["kps_image"]
+    request = request_from_args(args, face_image, embedding, kps, prompts[0])
     if pipe is None:
         pipe = load_from_args(args)
     device, dtype = pipe.device, pipe.unet.dtype
-    set_scheduler(pipe, args.scheduler)
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kps_path = out_dir / "kps.png"
     with atomic_path(kps_path) as tmp:
-        kps_image.save(tmp, format="PNG")
+        request.kps_image.save(tmp, format="PNG")
     records = []
-    width, height = plan["size"]
+    width, height = request.size
     for p_idx, prompt in enumerate(prompts):
-        for n in range(args.num_images):
-            seed = args.seed + n
+        for seed in request.seeds():
             path = out_dir / f"{p_idx:02d}_{seed}.png"
             if not (args.skip_existing and path.exists()):
                 t0 = time.time()
-                image = generate(
-                    pipe, args, plan, prompt, embedding, torch.Generator(device="cpu").manual_seed(seed)
-                )
+                (image,) = generate(pipe, replace(request, prompt=prompt, seed=seed, num_images=1))
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")
                 print(f"[{p_idx}:{seed}] {path} ({time.time() - t0:.1f}s)")
@@ -560,13 +485,14 @@ def main(args, pipe=None):
         height=height,
         device=str(device),
         dtype=str(dtype),
-        mode=plan["mode"],
+        mode=request.mode,
         kps_image=kps_path.name,
         images=records,
     )
-    for key in ("bbox", "boxes"):
-        if key in plan:
-            settings[f"plan_{key}"] = plan[key]
+    if request.mode == "inpaint":
+        settings["plan_bbox"] = [float(v) for v in request.face_bbox]
+    if request.mode == "people":
+        settings["plan_boxes"] = [[float(v) for v in p["bbox"]] for p in request.people]
     write_json_atomic(out_dir / "settings.json", settings)
     print(f"wrote {len(records)} image(s) and {out_dir / 'settings.json'}")
     return records

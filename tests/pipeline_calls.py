@@ -1,4 +1,5 @@
-"""Shared by the pipeline tests: fixed keypoints, a face embedding per seed, and one short tiny-weights call."""
+"""Shared by the pipeline, inference and app tests: fixed keypoints, a face embedding per seed, one short
+tiny-weights call, and a tiny LoRA."""
 
 from __future__ import annotations
 
@@ -27,3 +28,19 @@ def run(pipe, **kw):
     )
     args.update(kw)
     return pipe(**args).images
+
+
+def make_lora(base_model, path):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
+    torch.manual_seed(0)
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionXLPipeline.save_lora_weights(path, unet_lora_layers=state, safe_serialization=True)
+    return path / "pytorch_lora_weights.safetensors"

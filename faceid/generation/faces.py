@@ -3,7 +3,8 @@ identity (one embedding each; the pipeline averages them), an optional pose phot
 output size (its largest face), and every problem becomes a :class:`FaceInputError` whose message names the file.
 
 :func:`arrange` adds the inference modes: a target photo (the person is inpainted into its largest face, output
-size = the target's) or further people (each with their own embedding, keypoints and face box in the output).
+size = the target's) or further people (each with their own embedding, keypoints and face box in the output,
+left to right).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image
 from faceid.face.face_info import FaceInfoError, load_face_info
 from faceid.face.images import MAX_PIXELS, ImageLoadError, load_image, to_bgr
 from faceid.face.kps import draw_kps, fit_size, scale_kps
+from faceid.generation.composition import people_from_detections, people_kps_image, side_by_side_boxes
 
 
 class FaceInputError(ValueError):
@@ -47,15 +49,9 @@ class FaceCondition:
     @property
     def kps_image(self) -> Image.Image:
         if self.mode == "people":
-            from faceid.face.regions import kps_from_bbox
-
-            drawn = [
-                np.asarray(
-                    draw_kps(self.size, p["kps"] if p["kps"] is not None else kps_from_bbox(p["bbox"]))
-                )
-                for p in self.people
-            ]
-            return Image.fromarray(np.maximum.reduce(drawn))
+            return people_kps_image(
+                self.size, [p["bbox"] for p in self.people], [p["kps"] for p in self.people]
+            )
         return draw_kps(self.size, self.kps)
 
     def face_mask(self) -> Image.Image | None:
@@ -195,19 +191,6 @@ def _person(path, analyzer, max_pixels: int, label: str):
     return _largest_face(analyzer, image, f"{label} {name}"), name, image
 
 
-def side_by_side_boxes(size: tuple[int, int], count: int) -> list[np.ndarray]:
-    """``count`` face boxes in equal columns of a ``size`` (W, H) picture, each half the column wide (at most
-    half the height), centred in its column, at 40 % of the height: where people stand side by side."""
-    w, h = size
-    col = w / count
-    side = min(col, h) * 0.5
-    cy = 0.4 * h
-    return [
-        np.array([(i + 0.5) * col - side / 2, cy - side / 2, (i + 0.5) * col + side / 2, cy + side / 2])
-        for i in range(count)
-    ]
-
-
 def arrange(
     cond: FaceCondition,
     *,
@@ -218,8 +201,9 @@ def arrange(
     max_pixels: int = MAX_PIXELS,
 ) -> FaceCondition:
     """``cond`` with a target photo (inpainting) or further people (``people_files``: one upload per person,
-    person 2, 3, ...). People take the largest faces of the ``pose`` photo (largest first) when it is given,
-    side-by-side boxes otherwise. A target photo works with one person only."""
+    person 2, 3, ...). People take the largest faces of the ``pose`` photo, left to right (person 1 leftmost,
+    :func:`~faceid.generation.composition.people_from_detections`) when it is given, side-by-side boxes
+    otherwise. A target photo works with one person only."""
     get = analyzer if callable(analyzer) and not hasattr(analyzer, "analyze_full") else (lambda: analyzer)
     others = [f for f in people_files if _files(f)]
     if target is not None and _files(target):
@@ -252,20 +236,17 @@ def arrange(
     if pose:
         image = read_upload_image(_files(pose)[0], max_pixels)
         det = get().detect(to_bgr(image))
-        if len(det.bboxes) < len(people):
+        try:
+            boxes, kps = people_from_detections(det.bboxes, det.kpss, len(people), image.size, cond.size)
+        except ValueError as exc:
             raise FaceInputError(
-                f"pose photo {display_name(_files(pose)[0])}: {len(det.bboxes)} face(s) for {len(people)} "
-                "people; use a photo with a face per person, or no pose photo (side by side)"
-            )
-        b = np.asarray(det.bboxes, np.float64)
-        order = np.argsort(-(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), kind="stable")[: len(people)]
-        frame = image.size
-        for person, i in zip(people, order):
-            person["bbox"] = scale_kps(b[i].reshape(2, 2), frame, cond.size).reshape(4)
-            person["kps"] = scale_kps(np.asarray(det.kpss[i], np.float64), frame, cond.size)
+                f"pose photo {display_name(_files(pose)[0])}: {exc}; use a photo with a face per person, or no "
+                "pose photo (side by side)"
+            ) from exc
     else:
-        for person, box in zip(people, side_by_side_boxes(cond.size, len(people))):
-            person["bbox"], person["kps"] = box, None
+        boxes, kps = side_by_side_boxes(cond.size, len(people)), [None] * len(people)
+    for person, box, k in zip(people, boxes, kps):
+        person["bbox"], person["kps"] = box, k
     first = people[0]
     kps = first["kps"]
     if kps is None:

@@ -8,16 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from app_inputs import HUGE_LIMIT
 from PIL import Image
+from pipeline_calls import make_lora
 
 import app
 from faceid.face.analysis import FaceAnalyzer
 from faceid.face.face_info import save_face_info
 from faceid.face.kps import fit_size, scale_kps
+from faceid.generation.defaults import FACE_DETAIL_STRENGTH
 from faceid.generation.faces import FaceInputError, face_condition
+from faceid.generation.request import generate, pipeline_kwargs
 from faceid.generation.runs import BASE_LABEL, Weights, run_weights
+from faceid.generation.studio import check_options, request_for
 from faceid.generation.styles import NO_STYLE, STYLES, apply_style
 from pipeline_stable_diffusion_xl_instantid import load_pipeline
 
@@ -176,8 +179,7 @@ def test_switching_checkpoints_does_not_reload_the_base_and_matches_a_fresh_load
     # ... and as a pipeline loaded from scratch with that checkpoint.
     ck = by["checkpoint-1"]
     fresh = load_pipeline(studio.args.base_model, ck.controlnet, ck.face_adapter, "cpu", progress=False)
-    kwargs = app.call_kwargs(cond, app.check_options(_opts()))
-    ref = fresh(**kwargs, generator=torch.Generator().manual_seed(7)).images[0]
+    ref = generate(fresh, request_for(cond, check_options(_opts())))[0]
     np.testing.assert_allclose(np.asarray(ref, np.float32), arrays["checkpoint-1"].astype(np.float32), atol=1)
     assert settings["loads"]["base_loads"] == 1 and [w["label"] for w in settings["weights"]] == [
         "base",
@@ -303,14 +305,15 @@ def test_two_people_differ_from_one_and_from_the_swapped_order(studio, analyzer,
     two = studio.condition([photos["a"]], pose=photos["two"], people=[photos["b"], None])
     swapped = studio.condition([photos["b"]], pose=photos["two"], people=[photos["a"]])
     assert (one.mode, two.mode, swapped.mode) == ("single", "people", "people")
-    # Person 1 gets the larger face of two.png (150..290 x 30..170, scaled to the output), person 2 the other.
+    # People go left to right on the largest faces of two.png: person 1 on the left face (20..100 x 40..120,
+    # scaled to the output), person 2 on the right one (150..290 x 30..170).
     sx, sy = two.size[0] / 320, two.size[1] / 200
-    np.testing.assert_allclose(two.people[0]["bbox"], [150 * sx, 30 * sy, 290 * sx, 170 * sy], atol=2)
-    np.testing.assert_allclose(two.people[1]["bbox"], [20 * sx, 40 * sy, 100 * sx, 120 * sy], atol=2)
+    np.testing.assert_allclose(two.people[0]["bbox"], [20 * sx, 40 * sy, 100 * sx, 120 * sy], atol=2)
+    np.testing.assert_allclose(two.people[1]["bbox"], [150 * sx, 30 * sy, 290 * sx, 170 * sy], atol=2)
     fb = analyzer.analyze(Image.open(photos["b"]).convert("RGB"))
     np.testing.assert_allclose(two.people[1]["embeddings"][0], fb.embedding, rtol=1e-5)
     np.testing.assert_array_equal(two.people[0]["embeddings"], one.embeddings)
-    kwargs = app.call_kwargs(two, app.check_options(_opts()))
+    kwargs = pipeline_kwargs(request_for(two, check_options(_opts())))
     assert len(kwargs["faces"]) == 2 and "image_embeds" not in kwargs
     assert np.asarray(kwargs["faces"][0]["mask"]).shape == (two.size[1], two.size[0])
     out = {}
@@ -358,21 +361,10 @@ def test_bad_uploads_for_the_new_inputs_are_refused_with_a_message(studio, photo
         studio.condition([p["a"]], **calls[kind])
 
 
-def _make_lora(base_model, path):
-    """The pipeline tests' tiny LoRA (one definition: tests/inference/test_pipeline_features.py)."""
-    import importlib.util
-
-    src = Path(__file__).parents[1] / "inference" / "test_pipeline_features.py"
-    spec = importlib.util.spec_from_file_location("_pipeline_features_for_app", src)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_lora(base_model, path)
-
-
 def test_lora_is_loaded_once_per_spec_and_unloaded_without_reloading_the_base(
     studio, photos, tiny_paths, tmp_path
 ):
-    lora = _make_lora(tiny_paths["base_model"], tmp_path / "lora")
+    lora = make_lora(tiny_paths["base_model"], tmp_path / "lora")
     cond = studio.condition([photos["a"]])
     base_before = studio.cache.base_loads
     plain, _ = studio.generate(cond, _opts())
@@ -406,8 +398,8 @@ def test_face_detail_regenerates_the_face_and_keeps_the_size(studio, photos):
     )
     assert detail[0].size == plain[0].size == cond.size
     assert not np.array_equal(np.asarray(detail[0]), np.asarray(plain[0]))
-    assert settings["face_detail"] is True and settings["face_detail_strength"] == app.FACE_DETAIL_STRENGTH
-    assert seen[-1][0] == seen[-1][1] == 4 + int(4 * app.FACE_DETAIL_STRENGTH)
+    assert settings["face_detail"] is True and settings["face_detail_strength"] == FACE_DETAIL_STRENGTH
+    assert seen[-1][0] == seen[-1][1] == 4 + int(4 * FACE_DETAIL_STRENGTH)
 
 
 def test_memory_presets_are_applied_at_load_and_recorded(tiny_dir, photos, tmp_path):
@@ -425,8 +417,8 @@ def test_memory_presets_are_applied_at_load_and_recorded(tiny_dir, photos, tmp_p
 def test_user_lora_and_the_lcm_lora_are_active_together_only_in_fast_mode(
     tiny_dir, photos, tiny_paths, tmp_path
 ):
-    user = _make_lora(tiny_paths["base_model"], tmp_path / "user")
-    lcm = _make_lora(tiny_paths["base_model"], tmp_path / "lcm")
+    user = make_lora(tiny_paths["base_model"], tmp_path / "user")
+    lcm = make_lora(tiny_paths["base_model"], tmp_path / "lcm")
     args = app.parse_args(["--tiny", str(tiny_dir), "--lcm_lora", str(lcm)])
     args.output_dir = str(tmp_path / "out")
     app.apply_tiny(args)

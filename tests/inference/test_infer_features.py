@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from pipeline_calls import make_lora
 
 import infer_from_pkl
 from faceid.face.kps import draw_kps, fit_size
@@ -104,8 +105,6 @@ def test_several_people_from_a_pose_image(tiny_paths, tmp_path):
 
 
 def test_lora_memory_and_vae_flags_run_and_are_recorded(tiny_paths, tmp_path):
-    from test_pipeline_features import make_lora
-
     lora = make_lora(tiny_paths["base_model"], tmp_path / "lora")
     flags = dict(
         lora=f"{lora}:0.7",

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline_calls import KPS, PROMPT, emb, run  # noqa: F401  (shared pipeline-test helpers)
+from pipeline_calls import KPS, PROMPT, emb, make_lora, run  # noqa: F401  (shared pipeline-test helpers)
 
 import pipeline_stable_diffusion_xl_instantid as P
 from faceid.face.kps import draw_kps
+from faceid.generation.prompts import _token_count
 
 
 def photo(size=(64, 64), seed=1):
@@ -157,7 +158,7 @@ def test_weighted_prompts(tiny_pipe):
 
 def test_long_prompt_runs_with_every_token(tiny_pipe):
     words = " ".join(f"w{i}" for i in range(100))  # ~200+ tokens
-    assert P._token_count(tiny_pipe.tokenizer, words) > 200
+    assert _token_count(tiny_pipe.tokenizer, words) > 200
     embeds = tiny_pipe.encode_weighted_prompt(words, device="cpu", negative_prompt="(ugly:1.2)")
     assert embeds[0].shape[1] % 77 == 0 and embeds[0].shape[1] > 77 and embeds[0].shape == embeds[1].shape
     out = run(tiny_pipe, prompt=words, negative_prompt="(ugly:1.2)")
@@ -167,22 +168,6 @@ def test_long_prompt_runs_with_every_token(tiny_pipe):
 
 
 # ---- LoRA --------------------------------------------------------------------------------------------
-def make_lora(base_model, path):
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
-    torch.manual_seed(0)
-    unet.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
-    )
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionXLPipeline.save_lora_weights(path, unet_lora_layers=state, safe_serialization=True)
-    return path / "pytorch_lora_weights.safetensors"
-
-
 def test_lora_changes_output_and_unloading_restores_it(tiny_pipe, tiny_paths, tmp_path):
     lora = make_lora(tiny_paths["base_model"], tmp_path)
     before = run(tiny_pipe)

@@ -36,8 +36,11 @@ from PIL import Image
 
 from faceid.face.images import exif_orientation, load_image
 from faceid.files import atomic_path, write_json_atomic
+from faceid.train import shard_io
+from faceid.train import shard_streams as streams
 from faceid.train.dataset import SALT_CROP, SALT_DROP, SALT_REF, collate
 from faceid.train.records import Record, load_embedding, sample_rng
+from faceid.train.shard_io import FORMAT, MANIFEST
 from faceid.train.transforms import (
     apply_image,
     cfg_drop,
@@ -47,10 +50,6 @@ from faceid.train.transforms import (
     tokenize,
     transform_kps,
 )
-
-MANIFEST = "shards.json"
-FORMAT = "instantid-wds-1"
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing
@@ -147,7 +146,7 @@ def write_shards(
 
 
 class _TarCache:
-    """A few open shards per worker with their member index ``{key: {ext: TarInfo}}``."""
+    """A few open local shards per worker with their member index ``{key: {ext: TarInfo}}`` (random access)."""
 
     def __init__(self, size: int = 4):
         self.size = size
@@ -171,11 +170,16 @@ class _TarCache:
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Yields collated batches (use ``DataLoader(ds, batch_size=None, num_workers=W)``)."""
+    """Yields collated batches (use ``DataLoader(ds, batch_size=None, num_workers=W)``).
+
+    ``shards``: a folder, ``shards.json`` or shard list, local or remote (see :func:`shard_io.resolve`). Local
+    shards are read randomly; remote ones as streams (:mod:`faceid.train.shard_streams`), retried ``retries``
+    times; then the shard is named and the run stops, or with ``skip_bad_shards`` its samples are left out and it
+    is recorded (``bad_shards_file``, a warning)."""
 
     def __init__(
         self,
-        shard_dir: str | os.PathLike,
+        shards: str | os.PathLike,
         tokenizers=(),
         batch_size: int = 1,
         rank: int = 0,
@@ -190,14 +194,15 @@ class ShardDataset(torch.utils.data.IterableDataset):
         face_drop: float = 0.05,
         both_drop: float = 0.05,
         disk_cache=None,
+        retries: int = streams.RETRIES,
+        skip_bad_shards: bool = False,
+        bad_shards_file: str | os.PathLike | None = None,
     ):
         super().__init__()
-        self.dir = Path(shard_dir)
-        manifest = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{self.dir / MANIFEST}: not an InstantID shard manifest")
-        self.shards = manifest["shards"]
-        self.total = int(manifest["total"])
+        self.source = str(shards)
+        self.manifest_loc, _, pairs = shard_io.resolve(self.source)
+        self.shards = [dict(entry, loc=loc) for loc, entry in pairs]
+        self.total = sum(int(e["count"]) for e in self.shards)
         self.tokenizers = list(tokenizers)
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.resolution, self.seed = resolution, seed
@@ -207,6 +212,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self._cache = None
         self.disk_cache = disk_cache  # faceid.train.disk_cache.DiskCache: no image decoding, no encoders
+        self.reader = streams.StreamReader(retries, skip_bad_shards, bad_shards_file)
         if len(self.shards) < self.world_size:
             raise ValueError(
                 f"{len(self.shards)} shards for {self.world_size} processes: write more, smaller shards"
@@ -241,6 +247,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
             out += [(s, first + int(j)) for j in rng.permutation(count)]
         return out
 
+    def bad_shards(self) -> list[str]:
+        """Shards skipped so far (any process writing to ``bad_shards_file``)."""
+        return self.reader.recorded()
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
@@ -248,17 +258,44 @@ class ShardDataset(torch.utils.data.IterableDataset):
             self._cache = _TarCache()
         seq = self.epoch_samples(self.epoch)
         bs = self.batch_size
-        for r, b in enumerate(range(self.start_batch, self.num_batches())):
-            if r % nworkers != wid:
-                continue
-            yield collate([self._item(s, g) for s, g in seq[b * bs : (b + 1) * bs]])
+        mine = [b for r, b in enumerate(range(self.start_batch, self.num_batches())) if r % nworkers == wid]
+        batches = [seq[b * bs : (b + 1) * bs] for b in mine]
+        if not any(shard_io.is_remote(s["loc"]) for s in self.shards):
+            for batch in batches:
+                yield collate([self._item(*self._sample(s, g), g) for s, g in batch])
+            return
+        # Streams: a shard is read once per worker, keeping only the samples this worker's batches take, and
+        # dropped after its last use (memory: this worker's share of at most two shards).
+        store = streams.WorkerStore(self.reader, self.shards, batches, context=(self.rank, self.epoch, wid))
+        last = None
+        for n in range(len(batches)):
+            items = [self._item(*self._unpack(s, g, files), g) for s, g, files in store.take(n)]
+            if not items:  # every sample in skipped shards: the trainer still needs a batch here
+                if last is None:
+                    raise shard_io.ShardReadError(
+                        f"batch {mine[n]} of rank {self.rank}: all its samples are in unreadable shards "
+                        f"{store.bad_names()} and no earlier batch can stand in"
+                    )
+                streams.log.warning(
+                    f"batch {mine[n]}: all samples in skipped shards; repeating batch {last[0]}"
+                )
+                items = last[1]
+            last = (mine[n], items)
+            yield collate(items)
 
     def _sample(self, shard: int, g: int):
-        tar, members = self._cache.get(str(self.dir / self.shards[shard]["file"]))
+        tar, members = self._cache.get(shard_io.local_path(self.shards[shard]["loc"]))
         files = members[f"{g:09d}"]
+        return self._unpack(
+            shard, g, {ext: (lambda m=m: tar.extractfile(m).read()) for ext, m in files.items()}
+        )
+
+    def _unpack(self, shard: int, g: int, files: dict):
+        """``files``: ``{ext: bytes or a reader}`` → (meta, exts, read(ext), image())."""
 
         def read(ext):
-            return tar.extractfile(files[ext]).read()
+            data = files[ext]
+            return data if isinstance(data, bytes) else data()
 
         def image():
             ext = next(e for e in ("jpg", "png", "webp", "jpeg") if e in files)
@@ -268,24 +305,40 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def cache_views(self):
         """``(meta, view(flip))`` for every sample of every shard, in order (what ``precompute_cache.py``
-        encodes: the centre crop at ``resolution``, mirrored or not)."""
+        encodes: the centre crop at ``resolution``, mirrored or not). A remote shard is streamed for the metas and
+        again, once, when the first of its views is called (one shard in memory)."""
         from dataclasses import replace
 
         if self._cache is None:
             self._cache = _TarCache()
+        held = {}
+
+        def sample(s, g):
+            if not shard_io.is_remote(self.shards[s]["loc"]):
+                return self._sample(s, g)
+            if s not in held:
+                held.clear()
+                first, count = self.shards[s]["first"], self.shards[s]["count"]
+                held[s] = self.reader.read(
+                    self.shards[s]["loc"], set(range(first, first + count)), strict=True
+                )
+            return self._unpack(s, g, held[s][g])
+
         for s, info in enumerate(self.shards):
+            if shard_io.is_remote(info["loc"]):
+                keys = set(range(info["first"], info["first"] + info["count"]))
+                metas = self.reader.read(info["loc"], keys, exts=("json",), strict=True)
             for g in range(info["first"], info["first"] + info["count"]):
-                meta = self._sample(s, g)[0]
+                meta = json.loads(metas[g]["json"]) if shard_io.is_remote(info["loc"]) else sample(s, g)[0]
 
                 def view(flip, s=s, g=g):
-                    img = self._sample(s, g)[3]()  # reopened lazily: the tar may have left the cache
+                    img = sample(s, g)[3]()  # reopened lazily: the tar may have left the cache
                     plan = plan_crop(img.width, img.height, (self.resolution, self.resolution))
                     return to_chw_uint8(apply_image(img, replace(plan, flip=bool(flip))))
 
                 yield meta, view
 
-    def _item(self, shard: int, g: int) -> dict:
-        meta, files, read, load = self._sample(shard, g)
+    def _item(self, meta: dict, files: dict, read, load, g: int) -> dict:
         cache = self.disk_cache
         image = None if cache is not None and cache.has_latents else load()
         width, height = (meta["width"], meta["height"]) if image is None else image.size

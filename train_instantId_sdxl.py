@@ -75,7 +75,12 @@ def parse_args(argv=None):
     g.add_argument(
         "--train_shards",
         default=None,
-        help="WebDataset shard folder (python -m faceid.train.webdataset_shards)",
+        help="WebDataset shards (python -m faceid.train.webdataset_shards): folder, shards.json or shard list, "
+        "local or remote (http(s)://, pipe:COMMAND, s3://, gs://; brace ranges shard-{000000..000335}.tar)",
+    )
+    g.add_argument("--shard_retries", type=int, default=3, help="further attempts after a failed shard read")
+    g.add_argument(
+        "--skip_bad_shards", action="store_true", help="go on without an unreadable shard (bad_shards.jsonl)"
     )
     g.add_argument(
         "--data_format", default="auto", choices=["auto", "index", "mfacetech", "seed", "faceid6m"]
@@ -234,6 +239,9 @@ def build_data(args, tokenizers, rank, world, log, enc=None):
             batch_size=args.train_batch_size,
             rank=rank,
             world_size=world,
+            retries=args.shard_retries,
+            skip_bad_shards=args.skip_bad_shards,
+            bad_shards_file=os.path.join(args.output_dir, "bad_shards.jsonl"),
             **common,
         )
         if args.precomputed_cache:
@@ -282,7 +290,9 @@ def check_args(args) -> None:
     sources = [x for x in (args.data_json_file, args.train_data_dir, args.train_shards) if x]
     if len(sources) != 1:
         raise TrainingInputError("give exactly one of --data_json_file, --train_data_dir, --train_shards")
-    if not os.path.exists(sources[0]):
+    from faceid.train.shard_io import exists_or_remote
+
+    if not exists_or_remote(sources[0]):
         raise TrainingInputError(f"{sources[0]}: no such file or folder (check the data flag)")
     if args.cache_latents and (args.random_crop or args.random_flip > 0):
         raise TrainingInputError(
@@ -667,6 +677,8 @@ def main(args):
     if accelerator.is_main_process:
         ckpt.export_weights(args.output_dir, unwrapped)
         log.info(f"Final weights: {args.output_dir}/ip-adapter.bin, {args.output_dir}/ControlNetModel/")
+    if getattr(ds, "bad_shards", None) and ds.bad_shards():
+        log.warning(f"skipped unreadable shards (see {args.output_dir}/bad_shards.jsonl): {ds.bad_shards()}")
     accelerator.end_training()
     return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=True)
 

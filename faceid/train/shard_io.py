@@ -226,3 +226,28 @@ def upload(dest: str, local_file: str) -> None:
         fsspec.open(dest.rstrip("/") + "/" + os.path.basename(local_file), "wb") as dst,
     ):
         shutil.copyfileobj(src, dst, 1 << 20)
+
+
+@contextlib.contextmanager
+def serve_folder(folder: str | os.PathLike):
+    """``http://127.0.0.1:PORT`` serving ``folder`` from a thread (tests, benchmarks, a quick trial of remote
+    shards); localhost only, stopped on exit."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -70,9 +70,9 @@ class StreamReader:
         if self.bad_shards_file:
             line = {"shard": loc, "error": str(error), "attempts": attempts, "samples_skipped": len(keys),
                     "rank": rank, "epoch": epoch, "worker": worker}  # fmt: skip
-            with open(
-                self.bad_shards_file, "a", encoding="utf-8"
-            ) as f:  # one short line: appends do not interleave
+            os.makedirs(os.path.dirname(os.path.abspath(self.bad_shards_file)), exist_ok=True)
+            # One short line per append: lines from several workers do not interleave.
+            with open(self.bad_shards_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
         return None
 
@@ -99,7 +99,9 @@ class WorkerStore:
         self.loaded: dict[int, dict | None] = {}
         self.bad: list[int] = []
 
-    def take(self, n: int) -> list[tuple[int, int, dict]]:
+    def take(self, n: int, keep: bool = False) -> list[tuple[int, int, dict]]:
+        """Batch ``n``'s ``(shard, sample, files)`` without the skipped shards' samples; ``keep``: a look-ahead
+        that leaves them for the batch's own turn."""
         out = []
         for s, g in self.batches[n]:
             if s not in self.loaded:
@@ -107,7 +109,10 @@ class WorkerStore:
                 if self.loaded[s] is None:
                     self.bad.append(s)
             if self.loaded[s] is not None:
-                out.append((s, g, self.loaded[s].pop(g)))
+                files = self.loaded[s][g] if keep else self.loaded[s].pop(g)
+                out.append((s, g, files))
+        if keep:
+            return out
         for s in [s for s in self.loaded if self.last_use[s] <= n and self.loaded[s] is not None]:
             del self.loaded[s]
         return out

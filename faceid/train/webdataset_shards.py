@@ -18,6 +18,10 @@ shuffled per ``(seed, epoch)``, and batch ``r`` of a rank goes to worker ``r % n
 round-robin then yields batches in order, so resuming at batch k is exact.
 
     python -m faceid.train.webdataset_shards --data_json_file index.jsonl --out shards/ --samples_per_shard 1000
+    # then optionally: --upload 'pipe:aws s3 cp - s3://bucket/shards/{}' --no_keep_local
+
+Shards can be read from object storage or a web server (``shard_io.py``: URLs, ``pipe:``, brace ranges) as
+streams (``shard_streams.py``).
 """
 
 from __future__ import annotations
@@ -101,8 +105,12 @@ def write_shards(
     samples_per_shard: int = 1000,
     max_refs: int = 8,
     seed: int = 0,
+    upload: str | None = None,
+    keep_local: bool = True,
 ) -> Path:
-    """Write ``shard-NNNNNN.tar`` files and ``shards.json``; each tar is written atomically."""
+    """Write ``shard-NNNNNN.tar`` files and ``shards.json``; each tar is written atomically. With ``upload``
+    (``pipe:COMMAND`` where ``{}`` is the file name, or an fsspec folder URL) each finished file is uploaded, and
+    without ``keep_local`` removed (local disk: one shard)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index_of = {r.key: i for i, r in enumerate(records)}
@@ -137,8 +145,18 @@ def write_shards(
                 if refs:
                     _add(tar, f"{key}.refs.npy", _npy_bytes(np.stack(refs)))
         shards.append({"file": name, "count": len(chunk), "first": start})
+        if upload:
+            _send(upload, out_dir / name, keep_local)
     write_json_atomic(out_dir / MANIFEST, {"format": FORMAT, "total": len(records), "shards": shards})
+    if upload:  # last: a manifest that exists names only shards already uploaded
+        _send(upload, out_dir / MANIFEST, keep_local)
     return out_dir / MANIFEST
+
+
+def _send(dest: str, path: Path, keep_local: bool) -> None:
+    shard_io.upload(dest, str(path))
+    if not keep_local:
+        path.unlink()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,17 +289,21 @@ class ShardDataset(torch.utils.data.IterableDataset):
         for n in range(len(batches)):
             items = [self._item(*self._unpack(s, g, files), g) for s, g, files in store.take(n)]
             if not items:  # every sample in skipped shards: the trainer still needs a batch here
-                if last is None:
-                    raise shard_io.ShardReadError(
-                        f"batch {mine[n]} of rank {self.rank}: all its samples are in unreadable shards "
-                        f"{store.bad_names()} and no earlier batch can stand in"
-                    )
-                streams.log.warning(
-                    f"batch {mine[n]}: all samples in skipped shards; repeating batch {last[0]}"
-                )
+                last = last or self._stand_in(store, n, mine)
+                streams.log.warning(f"batch {mine[n]}: all samples in skipped shards; batch {last[0]} again")
                 items = last[1]
             last = (mine[n], items)
             yield collate(items)
+
+    def _stand_in(self, store, n: int, mine: list[int]):
+        """This worker's next batch with readable samples (read ahead, not consumed), for a first batch left empty."""
+        for m in range(n + 1, len(mine)):
+            items = [self._item(*self._unpack(s, g, files), g) for s, g, files in store.take(m, keep=True)]
+            if items:
+                return mine[m], items
+        raise shard_io.ShardReadError(
+            f"rank {self.rank}: every sample of its batches is in unreadable shards {store.bad_names()}"
+        )
 
     def _sample(self, shard: int, g: int):
         tar, members = self._cache.get(shard_io.local_path(self.shards[shard]["loc"]))
@@ -407,6 +429,13 @@ def parse_args(argv=None):
     p.add_argument("--max_refs", type=int, default=8, help="cross-identity references stored per sample")
     p.add_argument("--skip_bad_samples", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--upload",
+        default=None,
+        help="also send each finished shard and shards.json to 'pipe:COMMAND' ({} = file name, read from stdin, "
+        "e.g. 'pipe:aws s3 cp - s3://bucket/shards/{}') or an fsspec folder URL (s3://bucket/shards with s3fs)",
+    )
+    p.add_argument("--no_keep_local", action="store_true", help="with --upload: delete each file once sent")
     return p.parse_args(argv)
 
 
@@ -424,8 +453,17 @@ def main(args) -> Path:
         args.skip_bad_samples,
         logger=logging.getLogger("shards"),
     )
-    path = write_shards(records, args.out, args.samples_per_shard, args.max_refs, args.seed)
-    print(f"wrote {len(records)} samples ({len(bad)} bad skipped) to {path.parent}")
+    path = write_shards(
+        records,
+        args.out,
+        args.samples_per_shard,
+        args.max_refs,
+        args.seed,
+        args.upload,
+        not args.no_keep_local,
+    )
+    where = f"{path.parent} and {args.upload}" if args.upload else path.parent
+    print(f"wrote {len(records)} samples ({len(bad)} bad skipped) to {where}")
     return path
 
 

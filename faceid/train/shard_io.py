@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -229,20 +230,33 @@ def upload(dest: str, local_file: str) -> None:
 
 
 @contextlib.contextmanager
-def serve_folder(folder: str | os.PathLike):
+def serve_folder(folder: str | os.PathLike, sent: list | None = None):
     """``http://127.0.0.1:PORT`` serving ``folder`` from a thread (tests, benchmarks, a quick trial of remote
-    shards); localhost only, stopped on exit."""
+    shards); localhost only, stopped on exit. ``sent``: a one-item list that counts the bytes served."""
     import functools
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    class Quiet(SimpleHTTPRequestHandler):
+    class Handler(SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-    handler = functools.partial(Quiet, directory=str(folder))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+        def copyfile(self, source, outputfile):
+            while chunk := source.read(1 << 16):
+                outputfile.write(chunk)
+                if sent is not None:
+                    sent[0] += len(chunk)
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            if not isinstance(
+                sys.exc_info()[1], (ConnectionError, BrokenPipeError)
+            ):  # a reader that stops early
+                super().handle_error(request, client_address)
+
+    server = Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tarfile
+import threading
 import time
 
 from faceid.train import shard_io
@@ -85,10 +86,33 @@ class StreamReader:
         return list(dict.fromkeys(names))
 
 
-class WorkerStore:
-    """The samples one worker's ``batches`` (lists of ``(shard, sample)``) take, read shard by shard."""
+class _Prefetch:
+    """One shard read in a daemon thread (socket and pipe reads release the GIL: the next shard arrives while
+    this one's images are decoded)."""
 
-    def __init__(self, reader: StreamReader, shards: list[dict], batches: list, context=None):
+    def __init__(self, fn, *args):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, *args):
+        try:
+            self.value = fn(*args)
+        except BaseException as e:  # handed to the worker, which raises it with the shard's name
+            self.error = e
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class WorkerStore:
+    """The samples one worker's ``batches`` (lists of ``(shard, sample)``) take, read shard by shard; the next
+    shard is read ahead while the current one is used."""
+
+    def __init__(self, reader: StreamReader, shards: list[dict], batches: list, context=None, prefetch=True):
         self.reader, self.shards, self.batches, self.context = reader, shards, batches, context
         self.need: dict[int, set[int]] = {}
         self.last_use: dict[int, int] = {}
@@ -96,8 +120,28 @@ class WorkerStore:
             for s, g in batch:
                 self.need.setdefault(s, set()).add(g)
                 self.last_use[s] = n
+        self.order = list(self.need)  # shards in order of first use
+        self.prefetch = prefetch
+        self.pending: dict[int, _Prefetch] = {}
+        self.started: set[int] = set()
         self.loaded: dict[int, dict | None] = {}
         self.bad: list[int] = []
+
+    def _read(self, s: int):
+        return self.reader.read(self.shards[s]["loc"], self.need[s], context=self.context)
+
+    def _load(self, s: int) -> None:
+        job = self.pending.pop(s, None)
+        self.started.add(s)
+        self.loaded[s] = job.result() if job is not None else self._read(s)
+        if self.loaded[s] is None:
+            self.bad.append(s)
+        nxt = self.order.index(s) + 1
+        if self.prefetch and nxt < len(self.order):
+            t = self.order[nxt]
+            if t not in self.started:
+                self.started.add(t)
+                self.pending[t] = _Prefetch(self._read, t)
 
     def take(self, n: int, keep: bool = False) -> list[tuple[int, int, dict]]:
         """Batch ``n``'s ``(shard, sample, files)`` without the skipped shards' samples; ``keep``: a look-ahead
@@ -105,9 +149,7 @@ class WorkerStore:
         out = []
         for s, g in self.batches[n]:
             if s not in self.loaded:
-                self.loaded[s] = self.reader.read(self.shards[s]["loc"], self.need[s], context=self.context)
-                if self.loaded[s] is None:
-                    self.bad.append(s)
+                self._load(s)
             if self.loaded[s] is not None:
                 files = self.loaded[s][g] if keep else self.loaded[s].pop(g)
                 out.append((s, g, files))

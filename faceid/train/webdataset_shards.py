@@ -283,7 +283,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 yield collate([self._item(*self._sample(s, g), g) for s, g in batch])
             return
         # Streams: a shard is read once per worker, keeping only the samples this worker's batches take, and
-        # dropped after its last use (memory: this worker's share of at most two shards).
+        # dropped after its last use; the next one is read meanwhile (memory: this worker's share of ~3 shards).
         store = streams.WorkerStore(self.reader, self.shards, batches, context=(self.rank, self.epoch, wid))
         last = None
         for n in range(len(batches)):

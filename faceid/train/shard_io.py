@@ -34,6 +34,13 @@ _TAR_TOKEN = re.compile(r"[^/\s'\"]*\.tar\b")  # the shard file name inside a UR
 class ShardReadError(TrainingInputError):
     """A shard (or the shard list) could not be read; the message names it."""
 
+    def __init__(self, message: str = ""):
+        # Raised in a DataLoader worker, torch re-raises it with the worker's traceback as the message; the
+        # user needs the last line (what failed, what to do), not the traceback.
+        if message.startswith("Caught ShardReadError") and "ShardReadError: " in message:
+            message = message.rsplit("ShardReadError: ", 1)[1].strip()
+        super().__init__(message)
+
 
 def expand_braces(spec: str) -> list[str]:
     """``a-{00..02}.tar`` → ``[a-00.tar, a-01.tar, a-02.tar]``; several ranges give their product; the width of

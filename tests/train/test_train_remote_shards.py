@@ -68,7 +68,7 @@ def test_unreadable_shard_stops_the_run_or_is_skipped_and_listed(tiny_dir, shard
     shutil.copytree(shards, site)
     data = (site / "shard-000001.tar").read_bytes()
     (site / "shard-000001.tar").write_bytes(data[: len(data) // 2])
-    args = ["--max_train_steps", "2", "--shard_retries", "1", "--dataloader_num_workers", "0"]
+    args = ["--max_train_steps", "2", "--shard_retries", "1", "--dataloader_num_workers", "1"]
     with serve_folder(site) as url:
         bad = f"{url}/shard-000001.tar"
         capsys.readouterr()

@@ -80,6 +80,12 @@ def parse_args(argv=None):
     )
     g.add_argument("--shard_retries", type=int, default=3, help="further attempts after a failed shard read")
     g.add_argument(
+        "--shard_lanes",
+        type=int,
+        default=1,
+        help="remote shards: = --dataloader_num_workers reads each shard once",
+    )
+    g.add_argument(
         "--skip_bad_shards", action="store_true", help="go on without an unreadable shard (bad_shards.jsonl)"
     )
     g.add_argument(
@@ -239,6 +245,7 @@ def build_data(args, tokenizers, rank, world, log, enc=None):
             batch_size=args.train_batch_size,
             rank=rank,
             world_size=world,
+            lanes=args.shard_lanes,
             retries=args.shard_retries,
             skip_bad_shards=args.skip_bad_shards,
             bad_shards_file=os.path.join(args.output_dir, "bad_shards.jsonl"),

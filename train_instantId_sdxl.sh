@@ -23,6 +23,7 @@ SHARDS=${SHARDS:-""}
 ROOT_DATA_DIR=${ROOT_DATA_DIR:-""}          # root for relative paths (MFaceTech's --data_root_path)
 SKIP_BAD_SHARDS=${SKIP_BAD_SHARDS:-0}        # 1: go on without a shard still unreadable after SHARD_RETRIES
 SHARD_RETRIES=${SHARD_RETRIES:-3}            #    (listed in OUTPUT_DIR/bad_shards.jsonl); 0: stop naming it
+SHARD_LANES=${SHARD_LANES:-1}                # remote shards: set to WORKERS so each shard is streamed once per rank
 CROSS_ID=${CROSS_ID:-1}                      # 1: face embedding from another image of the same person
 CROSS_ID_PROB=${CROSS_ID_PROB:-1.0}
 
@@ -75,7 +76,7 @@ args=(
 [ -n "$VAE_NAME" ] && args+=(--pretrained_vae_model_name_or_path "$VAE_NAME")
 [ -n "$ROOT_DATA_DIR" ] && args+=(--data_root_path "$ROOT_DATA_DIR")
 if [ -n "$SHARDS" ]; then
-  args+=(--train_shards "$SHARDS" --shard_retries "$SHARD_RETRIES")
+  args+=(--train_shards "$SHARDS" --shard_retries "$SHARD_RETRIES" --shard_lanes "$SHARD_LANES")
   [ "$SKIP_BAD_SHARDS" = "1" ] && args+=(--skip_bad_shards)
 elif [ -n "$DATA_DIR" ]; then
   args+=(--train_data_dir "$DATA_DIR")

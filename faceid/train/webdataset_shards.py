@@ -193,7 +193,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
     ``shards``: a folder, ``shards.json`` or shard list, local or remote (see :func:`shard_io.resolve`). Local
     shards are read randomly; remote ones as streams (:mod:`faceid.train.shard_streams`), retried ``retries``
     times; then the shard is named and the run stops, or with ``skip_bad_shards`` its samples are left out and it
-    is recorded (``bad_shards_file``, a warning)."""
+    is recorded (``bad_shards_file``, a warning).
+
+    ``lanes`` (1: every worker may take samples of every shard of its rank) deals a rank's shards to that many
+    fixed streams and batch ``r`` to stream ``r % lanes``; with ``lanes`` = DataLoader workers each remote shard
+    is read by one worker only. The order depends on ``lanes``, never on the number of workers."""
 
     def __init__(
         self,
@@ -212,6 +216,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         face_drop: float = 0.05,
         both_drop: float = 0.05,
         disk_cache=None,
+        lanes: int = 1,
         retries: int = streams.RETRIES,
         skip_bad_shards: bool = False,
         bad_shards_file: str | os.PathLike | None = None,
@@ -231,9 +236,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self._cache = None
         self.disk_cache = disk_cache  # faceid.train.disk_cache.DiskCache: no image decoding, no encoders
         self.reader = streams.StreamReader(retries, skip_bad_shards, bad_shards_file)
-        if len(self.shards) < self.world_size:
+        self.lanes = max(1, int(lanes))
+        if len(self.shards) < self.world_size * self.lanes:
             raise ValueError(
-                f"{len(self.shards)} shards for {self.world_size} processes: write more, smaller shards"
+                f"{len(self.shards)} shards for {self.world_size} processes x {self.lanes} lanes: "
+                "write more, smaller shards"
             )
 
     def __len__(self) -> int:
@@ -247,23 +254,39 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _rank_shards(self, rank: int) -> list[int]:
         return list(range(rank, len(self.shards), self.world_size))
 
+    def _lanes(self, rank: int) -> list[list[int]]:
+        """A rank's shards dealt to ``lanes`` fixed streams (one per DataLoader worker when ``lanes`` = workers)."""
+        mine = self._rank_shards(rank)
+        return [mine[lane :: self.lanes] for lane in range(self.lanes)]
+
     def num_batches(self) -> int:
-        """Batches per epoch on every rank (the minimum over ranks; the rest of a rank's samples wait)."""
-        counts = [sum(self.shards[s]["count"] for s in self._rank_shards(r)) for r in range(self.world_size)]
-        return min(counts) // self.batch_size
+        """Batches per epoch on every rank (the minimum over ranks, and over lanes; the rest of the samples wait)."""
+        counts = [
+            sum(self.shards[s]["count"] for s in lane) // self.batch_size
+            for r in range(self.world_size)
+            for lane in self._lanes(r)
+        ]
+        return min(counts) * self.lanes
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = int(epoch), int(start_batch)
 
-    def epoch_samples(self, epoch: int) -> list[tuple[int, int]]:
-        """This rank's ``(shard, global sample number)`` order for ``epoch``."""
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), self.rank, 0x5D])
-        mine = self._rank_shards(self.rank)
+    def _order(self, rng, shards: list[int]) -> list[tuple[int, int]]:
         out = []
-        for s in (mine[i] for i in rng.permutation(len(mine))):
+        for s in (shards[i] for i in rng.permutation(len(shards))):
             first, count = self.shards[s]["first"], self.shards[s]["count"]
             out += [(s, first + int(j)) for j in rng.permutation(count)]
         return out
+
+    def epoch_samples(self, epoch: int) -> list[tuple[int, int]]:
+        """This rank's ``(shard, global sample number)`` order for ``epoch``, batch after batch."""
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), self.rank, 0x5D])
+        if self.lanes == 1:
+            return self._order(rng, self._rank_shards(self.rank))
+        # Batch r comes from lane r % lanes: a worker that owns a lane streams only that lane's shards.
+        bs, per_lane = self.batch_size, self.num_batches() // self.lanes
+        seqs = [self._order(rng, lane) for lane in self._lanes(self.rank)]
+        return [x for j in range(per_lane) for seq in seqs for x in seq[j * bs : (j + 1) * bs]]
 
     def bad_shards(self) -> list[str]:
         """Shards skipped so far (any process writing to ``bad_shards_file``)."""

@@ -93,6 +93,25 @@ def test_remote_sources_give_the_local_batches_and_resume(shards):
     assert_same(local, batches(f"pipe:cat {shards}/shard-{{000000..000003}}.tar", workers=1))
 
 
+def test_lanes_read_each_shard_once_whatever_the_workers(shards):
+    local = batches(shards, workers=0, lanes=2)
+    assert len(local) == 4 and sorted(i for b in local for i in b["index"]) == list(range(8))
+    for r, b in enumerate(local):  # batch r from lane r % 2: shards 0 and 2, or 1 and 3 (samples 2s, 2s + 1)
+        assert {i // 2 for i in b["index"]} <= ({0, 2}, {1, 3})[r % 2]
+    assert_same(local, batches(shards, workers=1, lanes=2))
+    size = sum(p.stat().st_size for p in shards.glob("*.tar"))
+    manifest = (shards / "shards.json").stat().st_size
+    sent = [0]
+    with serve_folder(shards.parent, sent) as url:
+        assert_same(local, batches(f"{url}/s", workers=2, lanes=2))
+        assert sent[0] - manifest <= size  # a worker per lane: no shard is streamed twice
+        assert_same(
+            local[1:], batches(f"{url}/s", workers=2, lanes=2, start=1)
+        )  # resumed: workers swap lanes
+    with pytest.raises(ValueError, match="4 shards for 1 processes x 8 lanes"):
+        ShardDataset(shards, lanes=8)
+
+
 def test_fsspec_source(shards):
     fsspec = pytest.importorskip("fsspec")  # optional dependency (comes with huggingface_hub)
     fs = fsspec.filesystem("memory")

@@ -1,5 +1,6 @@
 """train_instantId_sdxl.py on remote shards: a run from pipe:cat killed and resumed from http://127.0.0.1 ends
-bit-identical to a straight run from the same shards on disk (batches, losses, weights; 0, 1 and 2 loader workers),
+bit-identical to a straight run from the same shards on disk (batches, losses, weights; 2 lanes read by 0, 1 and
+2 loader workers),
 and an unreadable shard stops the run naming it or, with --skip_bad_shards, is listed while the run finishes."""
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from faceid.train.webdataset_shards import write_shards
 from ip_adapter.weights import read_adapter
 
 COMMON = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--cross_id", "--random_crop",
-          "--random_flip", "0.5", "--dataloader_num_workers"]  # fmt: skip
+          "--random_flip", "0.5", "--shard_lanes", "2", "--dataloader_num_workers"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("rshards")
     records, _ = load_checked_records(str(make_index_dataset(root / "d")))
-    write_shards(records, root / "site" / "s", samples_per_shard=3)  # 7 samples: 3 + 3 + 1
+    write_shards(records, root / "site" / "s", samples_per_shard=2)  # 7 samples: 2 + 2 + 2 + 1
     return root / "site" / "s"
 
 
@@ -55,7 +56,7 @@ def test_pipe_run_killed_and_resumed_over_http_equals_local(tiny_dir, shards, tm
     local = outcome(tmp_path / "local")
     assert sorted(local[0]) == [1, 2, 3, 4]
     out = tmp_path / "remote"
-    pipe = f"pipe:cat {shards}/shard-{{000000..000002}}.tar"
+    pipe = f"pipe:cat {shards}/shard-{{000000..000003}}.tar"
     res = run(tiny_dir, out, "--train_shards", pipe, *COMMON, "2", "--stop_after_steps", "3")
     assert not res.completed  # killed after step 3; checkpoint-2 is the last complete one
     with serve_folder(shards.parent) as url:  # the same shards, now from a web server
@@ -82,4 +83,4 @@ def test_unreadable_shard_stops_the_run_or_is_skipped_and_listed(tiny_dir, shard
     assert {x["shard"] for x in lines} == {bad} and lines[0]["samples_skipped"] > 0
     trained = {i for line in (tmp_path / "o2" / "samples" / "rank-0.jsonl").read_text().splitlines()
                for b in json.loads(line)["batches"] for i in b["index"]}  # fmt: skip
-    assert trained and not trained & {3, 4, 5}  # shard 1 holds samples 3..5
+    assert trained and not trained & {2, 3}  # shard 1 holds samples 2 and 3

@@ -1,12 +1,13 @@
 """Shard reader throughput: the same WebDataset shards read from local disk (random access), streamed over HTTP
-(a localhost server) and through ``pipe:cat``, side by side in one run.
+(a localhost server; also with ``--shard_lanes`` = workers) and through ``pipe:cat``, side by side in one run.
 
     python benchmarks/bench_shards.py [--num_images 48] [--samples_per_shard 8] [--workers 2] [--resolution 512]
                                       [--repeats 3]
 
 Writes ``num_images`` 1024×1280 photo-like PNGs (bench_dataloader.py's) into shards, serves their folder on
 127.0.0.1, then times one epoch (``DataLoader``, ``workers`` processes, batch size 2, after the first batch) per
-source, the sources interleaved and rotated for ``repeats`` rounds; prints samples/s per round and the median.
+source, the sources interleaved and rotated for ``repeats`` rounds; prints samples/s per round and the median,
+and the bytes the HTTP server sent per epoch.
 """
 
 from __future__ import annotations
@@ -49,32 +50,36 @@ def main(argv=None):
               f"batch {args.batch_size}, resolution {args.resolution}")  # fmt: skip
         sent = [0]
         with serve_folder(root / "site", sent) as url:
-            sources = {
-                "local": str(root / "site" / "shards"),
-                "http": f"{url}/shards/",
-                "pipe:cat": f"pipe:cat {root}/site/shards/shard-{{000000..{n - 1:06d}}}.tar",
+            lanes = max(1, args.workers)
+            sources = {  # name: (--train_shards, --shard_lanes)
+                "local": (str(root / "site" / "shards"), 1),
+                "http": (f"{url}/shards/", 1),
+                "pipe:cat": (f"pipe:cat {root}/site/shards/shard-{{000000..{n - 1:06d}}}.tar", 1),
+                f"http, {lanes} lanes": (f"{url}/shards/", lanes),
             }
             rates = {name: [] for name in sources}
-            served = []
+            served = {name: [] for name in sources if name.startswith("http")}
             for r in range(args.repeats):
                 names = list(sources)
                 names = names[r % len(names) :] + names[: r % len(names)]  # rotate: no source always first
                 for name in names:
-                    ds = ShardDataset(sources[name], batch_size=args.batch_size, resolution=args.resolution)
+                    spec, n_lanes = sources[name]
+                    ds = ShardDataset(
+                        spec, batch_size=args.batch_size, resolution=args.resolution, lanes=n_lanes
+                    )
                     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers)
                     before = sent[0]
                     rates[name].append(time_loader(loader))
-                    if name == "http":
-                        served.append((sent[0] - before) / 2**20)
+                    if name in served:
+                        served[name].append((sent[0] - before) / 2**20)
     base = statistics.median(rates["local"])
-    print(f"{'source':<10} {'samples/s per round':<30} {'median':>8} {'vs local':>9}")
+    print(f"{'source':<16} {'samples/s per round':<30} {'median':>8} {'vs local':>9}")
     for name, got in rates.items():
         med = statistics.median(got)
-        print(f"{name:<10} {' '.join(f'{x:6.1f}' for x in got):<30} {med:8.1f} {med / base:8.2f}x")
-    print(
-        f"http: {statistics.median(served):.1f} MiB served per epoch for {size:.1f} MiB of shards "
-        f"({statistics.median(served) / size:.2f}x: each worker streams a shard up to the last sample it takes)"
-    )
+        print(f"{name:<16} {' '.join(f'{x:6.1f}' for x in got):<30} {med:8.1f} {med / base:8.2f}x")
+    for name, mib in served.items():  # lanes=1: each worker streams a shard up to the last sample it takes
+        print(f"{name}: {statistics.median(mib):.1f} MiB served per epoch for {size:.1f} MiB of shards "
+              f"({statistics.median(mib) / size:.2f}x)")  # fmt: skip
     return rates
 
 

@@ -37,11 +37,12 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--image_size", type=int, nargs=2, default=(1024, 1280), help="width height")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        index, _ = make_data(root / "data", args.num_images)
+        index, _ = make_data(root / "data", args.num_images, tuple(args.image_size))
         records, _ = load_checked_records(str(index))
         write_shards(records, root / "site" / "shards", args.samples_per_shard)
         n = len(records) // args.samples_per_shard
@@ -80,7 +81,7 @@ def main(argv=None):
     for name, mib in served.items():  # lanes=1: each worker streams a shard up to the last sample it takes
         print(f"{name}: {statistics.median(mib):.1f} MiB served per epoch for {size:.1f} MiB of shards "
               f"({statistics.median(mib) / size:.2f}x)")  # fmt: skip
-    return rates
+    return rates, served, size
 
 
 if __name__ == "__main__":

@@ -13,19 +13,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def test_bench_shards_runs_every_source_and_counts_bytes(capsys):
     import bench_shards
 
-    argv = [
-        "--num_images",
-        "4",
-        "--samples_per_shard",
-        "2",
-        "--repeats",
-        "1",
-        "--resolution",
-        "64",
-        "--image_size",
-        "640",
-        "800",
-    ]  # fmt: skip  (the keypoints sit up to (610, 760))
+    # images large enough for the benchmark's keypoints (up to (610, 760))
+    argv = "--num_images 4 --samples_per_shard 2 --repeats 1 --resolution 64 --image_size 640 800".split()
     rates, served, size = bench_shards.main(argv)
     assert set(rates) == {"local", "http", "pipe:cat", "http, 2 lanes"}
     assert all(len(r) == 1 and r[0] > 0 for r in rates.values())

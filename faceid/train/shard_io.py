@@ -3,8 +3,8 @@ stdout, e.g. ``pipe:aws s3 cp s3://bucket/shard-000000.tar -``) and any fsspec U
 ``gs://`` with ``gcsfs``; fsspec and those packages are optional). Brace ranges (``shard-{000000..000335}.tar``)
 expand to one location per shard.
 
-A remote shard is read as a stream (``tarfile`` mode ``'r|'``), never downloaded whole; the reader in
-``webdataset_shards.py`` retries a failed read ``retries`` times and then names the shard.
+A remote shard is read as a stream (``tarfile`` mode ``'r|'``), never downloaded whole; ``shard_streams.py``
+retries a failed read and then names the shard. The converter uploads with :func:`upload`.
 """
 
 from __future__ import annotations

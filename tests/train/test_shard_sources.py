@@ -4,6 +4,7 @@ the same batches from local, http://, pipe: and fsspec shards (and after a resum
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import tarfile
@@ -82,6 +83,9 @@ def test_resolve_lists_and_manifests(shards):
         shard_io.resolve(str(shards / "shard-{000003..000009}.tar"))
     with pytest.raises(ShardReadError, match="give the shard list"):
         shard_io.resolve(f"pipe:cat {shards}/shards.json")
+    if importlib.util.find_spec("s3fs") is None:  # the optional package is named, not a traceback
+        with pytest.raises(ShardReadError, match=r"s3://bucket/x/shards.json: .*pip install s3fs"):
+            shard_io.resolve("s3://bucket/x/")
 
 
 def test_remote_sources_give_the_local_batches_and_resume(shards):

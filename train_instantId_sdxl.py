@@ -66,6 +66,16 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("data")
     config.add_data_flags(g, RESOLUTION)
+    g.add_argument("--shard_retries", type=int, default=3, help="further attempts after a failed shard read")
+    g.add_argument(
+        "--shard_lanes",
+        type=int,
+        default=1,
+        help="remote shards: = --dataloader_num_workers reads each shard once",
+    )
+    g.add_argument(
+        "--skip_bad_shards", action="store_true", help="go on without an unreadable shard (bad_shards.jsonl)"
+    )
     g.add_argument(
         "--person_id_from_folder", action="store_true", help="person = the image's parent folder name"
     )
@@ -421,6 +431,9 @@ def main(args, hooks: TrainHooks | None = None):
     if accelerator.is_main_process:
         ckpt.export_weights(args.output_dir, unwrapped)
         log.info(f"Final weights: {args.output_dir}/ip-adapter.bin, {args.output_dir}/ControlNetModel/")
+        bad_shards = getattr(data.dataset, "bad_shards", None)
+        if bad_shards and bad_shards():
+            log.warning(f"skipped unreadable shards (see {args.output_dir}/bad_shards.jsonl): {bad_shards()}")
     accelerator.end_training()
     return SimpleNamespace(global_step=global_step, model=unwrapped, parts=parts, completed=True)
 

@@ -14,11 +14,16 @@ VAE_NAME=${VAE_NAME:-""}                                              # e.g. mad
 
 # ---- data (one of JSON_FILE / DATA_DIR / SHARDS) ---------------------------------------------------------
 # JSON_FILE: get_face_info.py index, MFaceTech JSONL or seed-repo JSONL; DATA_DIR: extracted FaceID-6M/70K folder;
-# SHARDS: folder written by `python -m faceid.train.webdataset_shards --data_json_file ... --out SHARDS`.
+# SHARDS: folder written by `python -m faceid.train.webdataset_shards --data_json_file ... --out SHARDS`, or remote
+#   shards streamed by every node: "https://host/shards/", "s3://bucket/shards/" (pip install s3fs), "gs://..."
+#   (gcsfs), or "pipe:aws s3 cp s3://bucket/shards/shard-{000000..000335}.tar -" (docs/training.md).
 JSON_FILE=${JSON_FILE:-"data/crossfaceid/index/index.jsonl"}
 DATA_DIR=${DATA_DIR:-""}
 SHARDS=${SHARDS:-""}
 ROOT_DATA_DIR=${ROOT_DATA_DIR:-""}          # root for relative paths (MFaceTech's --data_root_path)
+SKIP_BAD_SHARDS=${SKIP_BAD_SHARDS:-0}        # 1: go on without a shard still unreadable after SHARD_RETRIES
+SHARD_RETRIES=${SHARD_RETRIES:-3}            #    (listed in OUTPUT_DIR/bad_shards.jsonl); 0: stop naming it
+SHARD_LANES=${SHARD_LANES:-1}                # remote shards: set to WORKERS so each shard is streamed once per rank
 CROSS_ID=${CROSS_ID:-1}                      # 1: face embedding from another image of the same person
 CROSS_ID_PROB=${CROSS_ID_PROB:-1.0}
 
@@ -71,7 +76,8 @@ args=(
 [ -n "$VAE_NAME" ] && args+=(--pretrained_vae_model_name_or_path "$VAE_NAME")
 [ -n "$ROOT_DATA_DIR" ] && args+=(--data_root_path "$ROOT_DATA_DIR")
 if [ -n "$SHARDS" ]; then
-  args+=(--train_shards "$SHARDS")
+  args+=(--train_shards "$SHARDS" --shard_retries "$SHARD_RETRIES" --shard_lanes "$SHARD_LANES")
+  [ "$SKIP_BAD_SHARDS" = "1" ] && args+=(--skip_bad_shards)
 elif [ -n "$DATA_DIR" ]; then
   args+=(--train_data_dir "$DATA_DIR")
 else

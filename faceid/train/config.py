@@ -38,7 +38,8 @@ def add_data_flags(p, resolution: int = RESOLUTION) -> None:
     p.add_argument(
         "--train_shards",
         default=None,
-        help="WebDataset shard folder (python -m faceid.train.webdataset_shards)",
+        help="WebDataset shards (python -m faceid.train.webdataset_shards): folder, shards.json or shard list, "
+        "local or remote (http(s)://, pipe:COMMAND, s3://, gs://; brace ranges shard-{000000..000335}.tar)",
     )
     p.add_argument("--data_format", default="auto", choices=DATA_FORMATS)
     p.add_argument(
@@ -55,7 +56,9 @@ def check_source(args) -> str:
     sources = [x for x in (args.data_json_file, args.train_data_dir, args.train_shards) if x]
     if len(sources) != 1:
         raise TrainingInputError("give exactly one of --data_json_file, --train_data_dir, --train_shards")
-    if not os.path.exists(sources[0]):
+    from faceid.train.shard_io import exists_or_remote
+
+    if not exists_or_remote(sources[0]):
         raise TrainingInputError(f"{sources[0]}: no such file or folder (check the data flag)")
     if args.train_shards and args.aspect_ratio_buckets:
         raise TrainingInputError("--train_shards streams fixed-size samples: no --aspect_ratio_buckets")
@@ -73,7 +76,9 @@ def weight_dtype(mixed_precision: str | None):
 
 def source_entry(kind: str, path: str, items: int) -> dict:
     """The data source as a cache manifest records it."""
-    return {"kind": kind, "path": os.path.abspath(path), "items": items}
+    from faceid.train.shard_io import is_remote
+
+    return {"kind": kind, "path": path if is_remote(path) else os.path.abspath(path), "items": items}
 
 
 @dataclass
@@ -178,6 +183,10 @@ def build_data(args, tokenizers, rank: int, world: int, log, enc=None) -> TrainD
             batch_size=args.train_batch_size,
             rank=rank,
             world_size=world,
+            lanes=getattr(args, "shard_lanes", 1),
+            retries=getattr(args, "shard_retries", 3),
+            skip_bad_shards=getattr(args, "skip_bad_shards", False),
+            bad_shards_file=os.path.join(args.output_dir, "bad_shards.jsonl"),
             **common,
         )
         if args.precomputed_cache:

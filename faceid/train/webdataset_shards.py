@@ -18,6 +18,10 @@ shuffled per ``(seed, epoch)``, and batch ``r`` of a rank goes to worker ``r % n
 round-robin then yields batches in order, so resuming at batch k is exact.
 
     python -m faceid.train.webdataset_shards --data_json_file index.jsonl --out shards/ --samples_per_shard 1000
+    # then optionally: --upload 'pipe:aws s3 cp - s3://bucket/shards/{}' --no_keep_local
+
+Shards can be read from object storage or a web server (``shard_io.py``: URLs, ``pipe:``, brace ranges) as
+streams (``shard_streams.py``).
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ from PIL import Image
 
 from faceid.face.images import exif_orientation, load_image
 from faceid.files import atomic_path, write_json_atomic
+from faceid.train import shard_io
+from faceid.train import shard_streams as streams
 from faceid.train.dataset import SALT_CROP, SALT_DROP, SALT_REF, collate
 from faceid.train.records import Record, load_embedding, sample_rng
+from faceid.train.shard_io import FORMAT, MANIFEST
 from faceid.train.transforms import (
     apply_image,
     cfg_drop,
@@ -47,10 +54,6 @@ from faceid.train.transforms import (
     tokenize,
     transform_kps,
 )
-
-MANIFEST = "shards.json"
-FORMAT = "instantid-wds-1"
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing
@@ -102,8 +105,12 @@ def write_shards(
     samples_per_shard: int = 1000,
     max_refs: int = 8,
     seed: int = 0,
+    upload: str | None = None,
+    keep_local: bool = True,
 ) -> Path:
-    """Write ``shard-NNNNNN.tar`` files and ``shards.json``; each tar is written atomically."""
+    """Write ``shard-NNNNNN.tar`` files and ``shards.json``; each tar is written atomically. With ``upload``
+    (``pipe:COMMAND`` where ``{}`` is the file name, or an fsspec folder URL) each finished file is uploaded, and
+    without ``keep_local`` removed (local disk: one shard)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index_of = {r.key: i for i, r in enumerate(records)}
@@ -138,8 +145,18 @@ def write_shards(
                 if refs:
                     _add(tar, f"{key}.refs.npy", _npy_bytes(np.stack(refs)))
         shards.append({"file": name, "count": len(chunk), "first": start})
+        if upload:
+            _send(upload, out_dir / name, keep_local)
     write_json_atomic(out_dir / MANIFEST, {"format": FORMAT, "total": len(records), "shards": shards})
+    if upload:  # last: a manifest that exists names only shards already uploaded
+        _send(upload, out_dir / MANIFEST, keep_local)
     return out_dir / MANIFEST
+
+
+def _send(dest: str, path: Path, keep_local: bool) -> None:
+    shard_io.upload(dest, str(path))
+    if not keep_local:
+        path.unlink()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,7 +164,7 @@ def write_shards(
 
 
 class _TarCache:
-    """A few open shards per worker with their member index ``{key: {ext: TarInfo}}``."""
+    """A few open local shards per worker with their member index ``{key: {ext: TarInfo}}`` (random access)."""
 
     def __init__(self, size: int = 4):
         self.size = size
@@ -171,11 +188,20 @@ class _TarCache:
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Yields collated batches (use ``DataLoader(ds, batch_size=None, num_workers=W)``)."""
+    """Yields collated batches (use ``DataLoader(ds, batch_size=None, num_workers=W)``).
+
+    ``shards``: a folder, ``shards.json`` or shard list, local or remote (see :func:`shard_io.resolve`). Local
+    shards are read randomly; remote ones as streams (:mod:`faceid.train.shard_streams`), retried ``retries``
+    times; then the shard is named and the run stops, or with ``skip_bad_shards`` its samples are left out and it
+    is recorded (``bad_shards_file``, a warning).
+
+    ``lanes`` (1: every worker may take samples of every shard of its rank) deals a rank's shards to that many
+    fixed streams and batch ``r`` to stream ``r % lanes``; with ``lanes`` = DataLoader workers each remote shard
+    is read by one worker only. The order depends on ``lanes``, never on the number of workers."""
 
     def __init__(
         self,
-        shard_dir: str | os.PathLike,
+        shards: str | os.PathLike,
         tokenizers=(),
         batch_size: int = 1,
         rank: int = 0,
@@ -190,14 +216,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
         face_drop: float = 0.05,
         both_drop: float = 0.05,
         disk_cache=None,
+        lanes: int = 1,
+        retries: int = streams.RETRIES,
+        skip_bad_shards: bool = False,
+        bad_shards_file: str | os.PathLike | None = None,
     ):
         super().__init__()
-        self.dir = Path(shard_dir)
-        manifest = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{self.dir / MANIFEST}: not an InstantID shard manifest")
-        self.shards = manifest["shards"]
-        self.total = int(manifest["total"])
+        self.source = str(shards)
+        self.manifest_loc, _, pairs = shard_io.resolve(self.source)
+        self.shards = [dict(entry, loc=loc) for loc, entry in pairs]
+        self.total = sum(int(e["count"]) for e in self.shards)
         self.tokenizers = list(tokenizers)
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.resolution, self.seed = resolution, seed
@@ -207,9 +235,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self._cache = None
         self.disk_cache = disk_cache  # faceid.train.disk_cache.DiskCache: no image decoding, no encoders
-        if len(self.shards) < self.world_size:
+        self.reader = streams.StreamReader(retries, skip_bad_shards, bad_shards_file)
+        self.lanes = max(1, int(lanes))
+        if len(self.shards) < self.world_size * self.lanes:
             raise ValueError(
-                f"{len(self.shards)} shards for {self.world_size} processes: write more, smaller shards"
+                f"{len(self.shards)} shards for {self.world_size} processes x {self.lanes} lanes: "
+                "write more, smaller shards"
             )
 
     def __len__(self) -> int:
@@ -223,23 +254,43 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _rank_shards(self, rank: int) -> list[int]:
         return list(range(rank, len(self.shards), self.world_size))
 
+    def _lanes(self, rank: int) -> list[list[int]]:
+        """A rank's shards dealt to ``lanes`` fixed streams (one per DataLoader worker when ``lanes`` = workers)."""
+        mine = self._rank_shards(rank)
+        return [mine[lane :: self.lanes] for lane in range(self.lanes)]
+
     def num_batches(self) -> int:
-        """Batches per epoch on every rank (the minimum over ranks; the rest of a rank's samples wait)."""
-        counts = [sum(self.shards[s]["count"] for s in self._rank_shards(r)) for r in range(self.world_size)]
-        return min(counts) // self.batch_size
+        """Batches per epoch on every rank (the minimum over ranks, and over lanes; the rest of the samples wait)."""
+        counts = [
+            sum(self.shards[s]["count"] for s in lane) // self.batch_size
+            for r in range(self.world_size)
+            for lane in self._lanes(r)
+        ]
+        return min(counts) * self.lanes
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = int(epoch), int(start_batch)
 
-    def epoch_samples(self, epoch: int) -> list[tuple[int, int]]:
-        """This rank's ``(shard, global sample number)`` order for ``epoch``."""
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), self.rank, 0x5D])
-        mine = self._rank_shards(self.rank)
+    def _order(self, rng, shards: list[int]) -> list[tuple[int, int]]:
         out = []
-        for s in (mine[i] for i in rng.permutation(len(mine))):
+        for s in (shards[i] for i in rng.permutation(len(shards))):
             first, count = self.shards[s]["first"], self.shards[s]["count"]
             out += [(s, first + int(j)) for j in rng.permutation(count)]
         return out
+
+    def epoch_samples(self, epoch: int) -> list[tuple[int, int]]:
+        """This rank's ``(shard, global sample number)`` order for ``epoch``, batch after batch."""
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), self.rank, 0x5D])
+        if self.lanes == 1:
+            return self._order(rng, self._rank_shards(self.rank))
+        # Batch r comes from lane r % lanes: a worker that owns a lane streams only that lane's shards.
+        bs, per_lane = self.batch_size, self.num_batches() // self.lanes
+        seqs = [self._order(rng, lane) for lane in self._lanes(self.rank)]
+        return [x for j in range(per_lane) for seq in seqs for x in seq[j * bs : (j + 1) * bs]]
+
+    def bad_shards(self) -> list[str]:
+        """Shards skipped so far (any process writing to ``bad_shards_file``)."""
+        return self.reader.recorded()
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -248,17 +299,48 @@ class ShardDataset(torch.utils.data.IterableDataset):
             self._cache = _TarCache()
         seq = self.epoch_samples(self.epoch)
         bs = self.batch_size
-        for r, b in enumerate(range(self.start_batch, self.num_batches())):
-            if r % nworkers != wid:
-                continue
-            yield collate([self._item(s, g) for s, g in seq[b * bs : (b + 1) * bs]])
+        mine = [b for r, b in enumerate(range(self.start_batch, self.num_batches())) if r % nworkers == wid]
+        batches = [seq[b * bs : (b + 1) * bs] for b in mine]
+        if not any(shard_io.is_remote(s["loc"]) for s in self.shards):
+            for batch in batches:
+                yield collate([self._item(*self._sample(s, g), g) for s, g in batch])
+            return
+        # Streams: a shard is read once per worker, keeping only the samples this worker's batches take, and
+        # dropped after its last use; the next one is read meanwhile (memory: this worker's share of ~3 shards).
+        store = streams.WorkerStore(self.reader, self.shards, batches, context=(self.rank, self.epoch, wid))
+        last = None
+        for n in range(len(batches)):
+            items = [self._item(*self._unpack(s, g, files), g) for s, g, files in store.take(n)]
+            if not items:  # every sample in skipped shards: the trainer still needs a batch here
+                last = last or self._stand_in(store, n, mine)
+                streams.log.warning(f"batch {mine[n]}: all samples in skipped shards; batch {last[0]} again")
+                items = last[1]
+            last = (mine[n], items)
+            yield collate(items)
+
+    def _stand_in(self, store, n: int, mine: list[int]):
+        """This worker's next batch with readable samples (read ahead, not consumed), for a first batch left empty."""
+        for m in range(n + 1, len(mine)):
+            items = [self._item(*self._unpack(s, g, files), g) for s, g, files in store.take(m, keep=True)]
+            if items:
+                return mine[m], items
+        raise shard_io.ShardReadError(
+            f"rank {self.rank}: every sample of its batches is in unreadable shards {store.bad_names()}"
+        )
 
     def _sample(self, shard: int, g: int):
-        tar, members = self._cache.get(str(self.dir / self.shards[shard]["file"]))
+        tar, members = self._cache.get(shard_io.local_path(self.shards[shard]["loc"]))
         files = members[f"{g:09d}"]
+        return self._unpack(
+            shard, g, {ext: (lambda m=m: tar.extractfile(m).read()) for ext, m in files.items()}
+        )
+
+    def _unpack(self, shard: int, g: int, files: dict):
+        """``files``: ``{ext: bytes or a reader}`` → (meta, exts, read(ext), image())."""
 
         def read(ext):
-            return tar.extractfile(files[ext]).read()
+            data = files[ext]
+            return data if isinstance(data, bytes) else data()
 
         def image():
             ext = next(e for e in ("jpg", "png", "webp", "jpeg") if e in files)
@@ -268,24 +350,40 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def cache_views(self):
         """``(meta, view(flip))`` for every sample of every shard, in order (what ``precompute_cache.py``
-        encodes: the centre crop at ``resolution``, mirrored or not)."""
+        encodes: the centre crop at ``resolution``, mirrored or not). A remote shard is streamed for the metas and
+        again, once, when the first of its views is called (one shard in memory)."""
         from dataclasses import replace
 
         if self._cache is None:
             self._cache = _TarCache()
+        held = {}
+
+        def sample(s, g):
+            if not shard_io.is_remote(self.shards[s]["loc"]):
+                return self._sample(s, g)
+            if s not in held:
+                held.clear()
+                first, count = self.shards[s]["first"], self.shards[s]["count"]
+                held[s] = self.reader.read(
+                    self.shards[s]["loc"], set(range(first, first + count)), strict=True
+                )
+            return self._unpack(s, g, held[s][g])
+
         for s, info in enumerate(self.shards):
+            if shard_io.is_remote(info["loc"]):
+                keys = set(range(info["first"], info["first"] + info["count"]))
+                metas = self.reader.read(info["loc"], keys, exts=("json",), strict=True)
             for g in range(info["first"], info["first"] + info["count"]):
-                meta = self._sample(s, g)[0]
+                meta = json.loads(metas[g]["json"]) if shard_io.is_remote(info["loc"]) else sample(s, g)[0]
 
                 def view(flip, s=s, g=g):
-                    img = self._sample(s, g)[3]()  # reopened lazily: the tar may have left the cache
+                    img = sample(s, g)[3]()  # reopened lazily: the tar may have left the cache
                     plan = plan_crop(img.width, img.height, (self.resolution, self.resolution))
                     return to_chw_uint8(apply_image(img, replace(plan, flip=bool(flip))))
 
                 yield meta, view
 
-    def _item(self, shard: int, g: int) -> dict:
-        meta, files, read, load = self._sample(shard, g)
+    def _item(self, meta: dict, files: dict, read, load, g: int) -> dict:
         cache = self.disk_cache
         image = None if cache is not None and cache.has_latents else load()
         width, height = (meta["width"], meta["height"]) if image is None else image.size
@@ -354,6 +452,13 @@ def parse_args(argv=None):
     p.add_argument("--max_refs", type=int, default=8, help="cross-identity references stored per sample")
     p.add_argument("--skip_bad_samples", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--upload",
+        default=None,
+        help="also send each finished shard and shards.json to 'pipe:COMMAND' ({} = file name, read from stdin, "
+        "e.g. 'pipe:aws s3 cp - s3://bucket/shards/{}') or an fsspec folder URL (s3://bucket/shards with s3fs)",
+    )
+    p.add_argument("--no_keep_local", action="store_true", help="with --upload: delete each file once sent")
     return p.parse_args(argv)
 
 
@@ -371,8 +476,17 @@ def main(args) -> Path:
         args.skip_bad_samples,
         logger=logging.getLogger("shards"),
     )
-    path = write_shards(records, args.out, args.samples_per_shard, args.max_refs, args.seed)
-    print(f"wrote {len(records)} samples ({len(bad)} bad skipped) to {path.parent}")
+    path = write_shards(
+        records,
+        args.out,
+        args.samples_per_shard,
+        args.max_refs,
+        args.seed,
+        args.upload,
+        not args.no_keep_local,
+    )
+    where = f"{path.parent} and {args.upload}" if args.upload else path.parent
+    print(f"wrote {len(records)} samples ({len(bad)} bad skipped) to {where}")
     return path
 
 

@@ -12,6 +12,7 @@ import pytest
 from conftest_train import make_index_dataset, tiny_args
 
 import train_instantId_sdxl as train
+from faceid.train.config import TrainHooks
 from faceid.train.errors import run_cli
 from faceid.train.records import load_checked_records
 from faceid.train.shard_io import serve_folder
@@ -30,8 +31,8 @@ def shards(tmp_path_factory):
     return root / "site" / "s"
 
 
-def run(tiny, out, *extra):
-    return train.main(train.parse_args(tiny_args(tiny, out, *extra)))
+def run(tiny, out, *extra, hooks=None):
+    return train.main(train.parse_args(tiny_args(tiny, out, *extra)), hooks=hooks)
 
 
 def outcome(out):
@@ -57,7 +58,7 @@ def test_pipe_run_killed_and_resumed_over_http_equals_local(tiny_dir, shards, tm
     assert sorted(local[0]) == [1, 2, 3, 4]
     out = tmp_path / "remote"
     pipe = f"pipe:cat {shards}/shard-{{000000..000003}}.tar"
-    res = run(tiny_dir, out, "--train_shards", pipe, *COMMON, "2", "--stop_after_steps", "3")
+    res = run(tiny_dir, out, "--train_shards", pipe, *COMMON, "2", hooks=TrainHooks(stop_after_steps=3))
     assert not res.completed  # killed after step 3; checkpoint-2 is the last complete one
     with serve_folder(shards.parent) as url:  # the same shards, now from a web server
         run(tiny_dir, out, "--train_shards", f"{url}/s/", *COMMON, "1", "--resume_from_checkpoint", "latest")

@@ -98,21 +98,22 @@ def parse_args(argv=None):
 
 
 def grid_generator():
-    """``generate(argv)`` for the evaluation grid: infer_from_pkl.py in process, loading each checkpoint's
-    pipeline once (the grid runs identities × seed runs × baseline per checkpoint) and freeing it for the next."""
-    import infer_from_pkl
+    """``generate(argv)`` for the evaluation grid: the inference flags (``infer_from_pkl.py``'s command line) run
+    in process through :mod:`faceid.generation.batch`, loading each checkpoint's pipeline once (the grid runs
+    identities × seed runs × baseline per checkpoint) and freeing it for the next."""
+    from faceid.generation import batch
+    from pipeline_stable_diffusion_xl_instantid import load_pipeline
 
+    parser = batch.build_parser()
     loaded = {}
 
     def generate(argv: list[str]) -> list[dict]:
-        args = infer_from_pkl.parse_args(argv)
-        if args.tiny:
-            infer_from_pkl.apply_tiny(args)
-        key = infer_from_pkl.pipeline_key(args)
+        args = parser.parse_args(argv)
+        key = batch.pipeline_key(args)
         if key not in loaded:
             loaded.clear()  # one checkpoint at a time: SDXL twice does not fit a GPU
-            loaded[key] = infer_from_pkl.load_from_args(args)
-        return infer_from_pkl.main(args, pipe=loaded[key])
+            loaded[key] = batch.load_from_args(args, load_pipeline)
+        return batch.run(args, args.prompt, lambda: loaded[key])
 
     return generate
 

@@ -405,7 +405,7 @@ def test_grid_loads_each_checkpoint_once(tiny_dir, tiny_paths, tmp_path, monkeyp
     """Two checkpoints × two identities × two seeds (+ baselines): one pipeline load per checkpoint."""
     import shutil
 
-    import infer_from_pkl
+    from faceid.generation import batch
     from faceid.tiny.faces import write_synthetic_face
 
     faces = tmp_path / "faces"
@@ -414,9 +414,9 @@ def test_grid_loads_each_checkpoint_once(tiny_dir, tiny_paths, tmp_path, monkeyp
     second = tmp_path / "ft" / "ip-adapter.bin"
     second.parent.mkdir()
     shutil.copy(tiny_paths["face_adapter"], second)
-    loads, real_load = [], infer_from_pkl.load_from_args
+    loads, real_load = [], batch.load_from_args
     monkeypatch.setattr(
-        infer_from_pkl, "load_from_args", lambda a: loads.append(a.face_adapter) or real_load(a)
+        batch, "load_from_args", lambda a, load: loads.append(a.face_adapter) or real_load(a, load)
     )
     argv = ["--protocol", str(Path(__file__).parents[2] / "configs" / "eval_protocol.json")]
     argv += ["--tiny", str(tiny_dir), "--faces_dir", str(faces), "--max_prompts", "1", "--max_seeds", "2"]

@@ -13,6 +13,7 @@ from PIL import Image
 
 import download
 import infer_from_pkl
+from faceid.errors import InputError
 from faceid.tiny.faces import synthetic_face_array
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +90,7 @@ def test_infer_end_to_end_writes_images_and_settings(tiny_paths, tmp_path):
 
 def test_infer_refuses_code_in_pickle(tiny_paths, tmp_path, evil_pickle):
     marker = evil_pickle(tmp_path / "evil.pkl", "embedding", kps=np.zeros((5, 2)))
-    with pytest.raises(SystemExit, match="evil.pkl: unsafe or invalid pickle"):
+    with pytest.raises(InputError, match="evil.pkl: unsafe or invalid pickle"):
         infer_from_pkl.main(
             infer_from_pkl.parse_args(infer_argv(tiny_paths, tmp_path, tmp_path / "evil.pkl"))
         )
@@ -97,19 +98,19 @@ def test_infer_refuses_code_in_pickle(tiny_paths, tmp_path, evil_pickle):
 
 
 def test_infer_names_missing_files_and_bad_sizes(tiny_paths, tmp_path):
-    with pytest.raises(SystemExit, match="nope.pkl: face-info file not found"):
+    with pytest.raises(InputError, match="nope.pkl: face-info file not found"):
         infer_from_pkl.main(
             infer_from_pkl.parse_args(infer_argv(tiny_paths, tmp_path, tmp_path / "nope.pkl"))
         )
     bad = write_pkl(tmp_path / "small.pkl", emb_size=256)
-    with pytest.raises(SystemExit, match="small.pkl: embedding has 256 values, expected 512"):
+    with pytest.raises(InputError, match="small.pkl: embedding has 256 values, expected 512"):
         infer_from_pkl.main(infer_from_pkl.parse_args(infer_argv(tiny_paths, tmp_path, bad)))
     pkl = write_pkl(tmp_path / "ok.pkl")
     argv = infer_argv(tiny_paths, tmp_path, pkl, face_adapter=tmp_path / "missing.bin")
-    with pytest.raises(SystemExit, match="face adapter not found: .*missing.bin"):
+    with pytest.raises(InputError, match="face adapter not found: .*missing.bin"):
         infer_from_pkl.main(infer_from_pkl.parse_args(argv))
     argv = infer_argv(tiny_paths, tmp_path, pkl, face_image=tmp_path / "gone.jpg")
-    with pytest.raises(SystemExit, match="gone.jpg: file not found"):
+    with pytest.raises(InputError, match="gone.jpg: file not found"):
         infer_from_pkl.main(infer_from_pkl.parse_args(argv))
 
 

@@ -11,7 +11,10 @@ from PIL import Image
 from pipeline_calls import make_lora
 
 import infer_from_pkl
+from faceid.errors import InputError
 from faceid.face.kps import draw_kps, fit_size
+from faceid.generation import batch
+from faceid.generation.defaults import LCM_GUIDANCE
 from faceid.tiny.faces import synthetic_face_array
 
 
@@ -100,7 +103,7 @@ def test_several_people_from_a_pose_image(tiny_paths, tmp_path):
     assert b1[0] < b2[0]  # left to right, in output pixels
     kps = np.asarray(Image.open(tmp_path / "out" / "kps.png"))
     assert kps[:, :48].any() and kps[:, 48:].any()  # both people's keypoints drawn
-    with pytest.raises(SystemExit, match="need --face_boxes or a --pose_image"):
+    with pytest.raises(InputError, match="need --face_boxes or a --pose_image"):
         infer_from_pkl.main(infer_from_pkl.parse_args(argv_for(tiny_paths, tmp_path, extra_face_info=other)))
 
 
@@ -123,10 +126,10 @@ def test_lora_memory_and_vae_flags_run_and_are_recorded(tiny_paths, tmp_path):
     every_flag = set(vars(infer_from_pkl.parse_args([])))
     assert every_flag <= set(settings), every_flag - set(settings)
     assert settings["lora"] == [f"{lora}:0.7"] and settings["offload"] == "model" and settings["face_detail"]
-    assert settings["steps"] == 2 and settings["guidance_scale"] == infer_from_pkl.LCM_GUIDANCE
-    key = infer_from_pkl.pipeline_key(args)
-    assert key != infer_from_pkl.pipeline_key(infer_from_pkl.parse_args(argv_for(tiny_paths, tmp_path)))
-    with pytest.raises(SystemExit, match="--lora: not found"):
+    assert settings["steps"] == 2 and settings["guidance_scale"] == LCM_GUIDANCE
+    key = batch.pipeline_key(args)
+    assert key != batch.pipeline_key(infer_from_pkl.parse_args(argv_for(tiny_paths, tmp_path)))
+    with pytest.raises(InputError, match="--lora: not found"):
         infer_from_pkl.main(
             infer_from_pkl.parse_args(argv_for(tiny_paths, tmp_path, lora=tmp_path / "no.safetensors"))
         )

@@ -417,7 +417,7 @@ def generate(pipe, args, plan, prompt, embedding, generator):
 
     width, height = plan["size"]
     common = dict(
-        negative_prompt=args.negative_prompt,
+        negative_prompt=args.negative_prompt or None,  # empty: SDXL's zero embeddings
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         ip_adapter_scale=args.ip_adapter_scale,

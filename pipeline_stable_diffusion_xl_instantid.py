@@ -1060,6 +1060,7 @@ def load_loras(pipe, specs) -> list[str]:
         path, scale = parse_lora_spec(spec) if isinstance(spec, str) else (str(spec[0]), float(spec[1]))
         if not Path(path).exists():
             raise FileNotFoundError(f"LoRA not found: {path}")
+        __import__("faceid.weight_files").weight_files.check_lora(path)
         name = f"lora{i}"
         p = Path(path)
         if p.is_file():
@@ -1114,8 +1115,10 @@ def load_pipeline(
     """Base SDXL + IdentityNet (+ extra ControlNets) + face adapter, on the best device available; ``vae`` is
     another VAE (folder or hub id), e.g. ``madebyollin/sdxl-vae-fp16-fix`` that decodes in fp16 without NaNs."""
     from faceid.runtime import dtype_kwargs, pick_device_dtype
+    from faceid.weight_files import check_pipeline_inputs
 
     device, dtype = pick_device_dtype(device, dtype)
+    check_pipeline_inputs(base_model, (controlnet, *extra_controlnets), face_adapter, vae)  # named errors
     nets = [
         ControlNetModel.from_pretrained(str(p), **dtype_kwargs(dtype))
         for p in (controlnet, *extra_controlnets)

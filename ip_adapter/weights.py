@@ -121,6 +121,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: face adapter checkpoint not found")
+    __import__("faceid.weight_files").weight_files.check_adapter(path)  # truncated / wrong kind: named
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 

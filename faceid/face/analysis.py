@@ -196,6 +196,7 @@ class FaceAnalyzer:
                 f"no face-analysis models in {self.model_dir}: run `python download.py` (real antelopev2) or "
                 f"`python download.py --tiny DIR` (tests), or pass the folder that holds models/{name}"
             )
+        __import__("faceid.weight_files").weight_files.check_onnx_folder(self.model_dir)
         if device_id is None:
             device_id = int(os.environ.get("LOCAL_RANK", "0") or 0)
         if providers is None:

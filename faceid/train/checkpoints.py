@@ -147,6 +147,20 @@ def register_hooks(accelerator, unwrap) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def checkpoint_disk_full(output_dir, partial: Path, final: Path):
+    """Disk full while writing a checkpoint: the partial folder goes, the message names the last complete one."""
+    from faceid.files import removed_on_disk_full
+
+    done = complete_checkpoints(output_dir)
+    intact = (
+        f"{final.name} was not written (partial files removed); {done[-1][1]} is intact"
+        if done
+        else f"{final.name} was not written (partial files removed); no earlier checkpoint exists"
+    )
+    resume = "free some space, then rerun the same command with --resume_from_checkpoint latest"
+    return removed_on_disk_full(partial, intact, resume)
+
+
 def save_checkpoint(
     accelerator, output_dir: str | os.PathLike, step: int, state: dict, total_limit=None, write_extra=None
 ):
@@ -159,12 +173,14 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
+    with checkpoint_disk_full(output_dir, partial, final):
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if write_extra is not None:
+                write_extra(partial)
+            write_json_atomic(partial / STATE_FILE, state)
     if accelerator.is_main_process:
-        if write_extra is not None:
-            write_extra(partial)
-        write_json_atomic(partial / STATE_FILE, state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)

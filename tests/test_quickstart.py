@@ -55,8 +55,9 @@ def test_quickstart_shows_identity_learned(quickstart):
         assert summary["face_sim"]["mean"] == pytest.approx(sim[key])
     rise = sim["after_same"] - sim["before_same"]
     assert f"same-person Face Sim rose by {rise:+.3f}" in proc.stdout
-    assert rise >= 0.08, sim
-    assert sim["after_same"] - sim["after_other"] >= 0.08, sim  # the person's own face, not any face
+    margin_before = sim["before_same"] - sim["before_other"]
+    margin_after = sim["after_same"] - sim["after_other"]  # the person's own face, not any face
+    assert rise >= 0.04 and margin_after >= 0.08 and margin_after - margin_before >= 0.08, sim
 
 
 def test_quickstart_picture(quickstart):
@@ -72,9 +73,12 @@ def test_quickstart_picture(quickstart):
 
 
 def test_quickstart_output_is_quiet(quickstart):
+    """No third-party notices; the checkpoint the training writes is one line."""
     _, proc = quickstart
-    noisy = [ln for ln in (proc.stdout + proc.stderr).splitlines() if NOTICES.search(ln)]
-    assert noisy == []
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert [ln for ln in lines if NOTICES.search(ln)] == []
+    saved = [ln for ln in lines if re.search(r"checkpoint-\d+", ln)]
+    assert len(saved) == len(list((quickstart[0] / "train").glob("checkpoint-*"))) >= 1, saved
 
 
 def _modes(folder: Path) -> dict[str, str]:

@@ -227,6 +227,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         self.register_to_config(image_proj_model=(None, None))
         try:
             super().save_pretrained(save_directory, **kwargs)
+            __import__("faceid.files").files.apply_umask(save_directory)  # safetensors writes 0600
         finally:
             self.register_to_config(image_proj_model=entry)
             if has_ip:

@@ -21,6 +21,7 @@ __all__ = [
     "is_disk_full",
     "current_umask",
     "removed_on_disk_full",
+    "apply_umask",
 ]
 
 
@@ -31,6 +32,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give the private (0600) files of ``path`` (a file, or every file under a folder) the mode a plain ``open``
+    gives: 0o666 less the umask. For writers that create 0600 files whatever the umask: safetensors' ``save_file``,
+    hence diffusers' and transformers' ``save_pretrained``. Other files (a user's, in the same folder) stay."""
+    path = Path(path)
+    mode = 0o666 & ~current_umask()
+    for p in path.rglob("*") if path.is_dir() else [path]:
+        if p.is_file() and not p.is_symlink() and (p.stat().st_mode & 0o777) == 0o600:
+            os.chmod(p, mode)
 
 
 @contextlib.contextmanager

@@ -333,6 +333,7 @@ def build_tiny(out_dir: str | os.PathLike, seed: int = 0, faces: bool = True) ->
 
         build_tiny_antelopev2(paths["antelopev2"])
     marker.write_text("ok\n")
+    __import__("faceid.files").files.apply_umask(paths["root"])  # save_pretrained's safetensors are 0600
     return paths
 
 

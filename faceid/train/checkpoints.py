@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from faceid.files import write_json_atomic
+from faceid.files import apply_umask, write_json_atomic
 from faceid.train.errors import TrainingInputError
 
 STATE_FILE = "trainer_state.json"
@@ -91,6 +91,7 @@ def export_weights(out_dir: str | os.PathLike, model, safetensors: bool = True) 
     tmp = out_dir / f".{CONTROLNET_DIR}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     model.controlnet.save_pretrained(tmp, safe_serialization=True)
+    apply_umask(tmp)  # safetensors writes 0600 whatever the umask
     final = out_dir / CONTROLNET_DIR
     if final.exists():
         shutil.rmtree(final)

@@ -109,3 +109,19 @@ def test_training_disk_full_at_checkpoint(tmp_path, tiny_dir, capsys, monkeypatc
 
     image_proj, ip = read_adapter(out / "checkpoint-1" / "ip-adapter.safetensors")
     assert image_proj and ip
+
+
+def test_apply_umask_opens_private_files_only(tmp_path, umask):
+    """safetensors' save_file (hence save_pretrained) writes 0600 whatever the umask; apply_umask fixes those."""
+    import torch
+    from safetensors.torch import save_file
+
+    from faceid.files import apply_umask
+
+    umask(0o022)
+    save_file({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+    mine = tmp_path / "notes.txt"
+    mine.write_text("x")
+    os.chmod(mine, 0o640)
+    apply_umask(tmp_path)
+    assert mode(tmp_path / "w.safetensors") == 0o644 and mode(mine) == 0o640

@@ -1,7 +1,7 @@
 # The two set-up-and-run commands of the README. Each creates the virtual environment on first use (CPU torch
 # pinned, then the project's requirements) and reuses it afterwards; requirements changes trigger a reinstall.
 #   make test         the test suite (what CI runs); installs the system packages it needs when missing
-#   make quickstart   the offline end-to-end job on tiny weights
+#   make quickstart   trains identity into the adapter in the miniature world and shows it (offline, ~2 min)
 # For a CUDA machine: make install TORCH="torch==2.13.0" TORCH_INDEX=<index URL from pytorch.org's selector>
 
 PYTHON ?= python3

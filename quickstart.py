@@ -174,11 +174,12 @@ def main(args):
     ], q)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     write_protocol(out / "protocol.json")
-    run("5 generate", [
+    gen_argv = [
         "evaluate.py", "--protocol", str(out / "protocol.json"), "--faces_dir", str(refs),
         "--checkpoint", f"before={tiny / 'checkpoints'}", "--checkpoint", f"after={train}",
         "--tiny", str(tiny), "--steps", str(GEN_STEPS), "--out", str(gen), "--generate_only",
-    ], q)  # fmt: skip
+    ]  # fmt: skip
+    run("5 generate", gen_argv, quiet=True)  # a line per image: shown only if the step fails
     before, after = (
         gen / "generations" / "before" / "settings.json",
         gen / "generations" / "after" / "settings.json",

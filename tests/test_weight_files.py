@@ -147,19 +147,27 @@ def test_truncated_identitynet_through_inference_cli(tmp_path, tiny_dir, capsys)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))
 
 
-def test_truncated_adapter_through_training_cli(tmp_path, tiny_dir, capsys):
+@pytest.mark.parametrize("kind", ["adapter .safetensors", "SDXL folder", "IdentityNet"])
+def test_truncated_weights_through_training_cli(kind, tmp_path, tiny_dir, capsys):
+    """The trainer (and precompute_cache.py, which loads the same encoders) names the broken file, exit 2."""
     from conftest_train import make_index_dataset, tiny_args
 
     import train_instantId_sdxl as t
 
-    tiny = Path(tiny_dir)
-    adapter, _ = _adapter_st(tmp_path, tiny)
+    make, _, expected = KINDS[kind]
+    passed, broken = make(tmp_path, Path(tiny_dir))
+    flag = {
+        "adapter .safetensors": "--pretrained_ip_adapter_path",
+        "SDXL folder": "--pretrained_model_name_or_path",
+        "IdentityNet": "--controlnet_model_name_or_path",
+    }[kind]
     index = make_index_dataset(tmp_path / "data")
-    argv = tiny_args(tiny, tmp_path / "run", "--data_json_file", str(index), "--max_train_steps", "1",
-                     "--pretrained_ip_adapter_path", str(adapter))  # fmt: skip
+    argv = tiny_args(tiny_dir, tmp_path / "run", "--data_json_file", str(index), "--max_train_steps", "1",
+                     flag, str(passed))  # fmt: skip
     assert run_cli(t.main, t.parse_args, argv) == 2
     err = capsys.readouterr().err
-    assert str(adapter) in err and "truncated" in err and "Traceback" not in err
+    assert str(broken) in err and expected in err and "truncated" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "ip-adapter.bin").exists()
 
 
 def test_truncated_antelopev2_through_face_info_cli(tmp_path, tiny_dir, capsys):

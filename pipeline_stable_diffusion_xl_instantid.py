@@ -46,6 +46,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from PIL import Image
 
 from faceid.face.kps import draw_kps, fit_size, resize_img  # noqa: F401  (re-exported: the official module has both)
+from faceid.files import apply_umask
 from faceid.generation import latents as latent_ops
 from faceid.generation import prompts as prompt_windows
 from faceid.generation.call_inputs import check_call_inputs
@@ -59,6 +60,7 @@ from faceid.generation.composition import (  # noqa: F401  (re-exported for apps
 from faceid.generation.conditioning import added_conditions, prepare_controls, residuals
 from faceid.generation.loras import load_loras, parse_lora_spec, unload_loras  # noqa: F401  (re-exported)
 from faceid.generation.memory import OFFLOAD_CHOICES, apply_memory_options
+from faceid.weight_files import check_pipeline_inputs
 from ip_adapter.attention_processor import AttnProcessor, IPAttnProcessor
 from ip_adapter.weights import (
     build_resampler,
@@ -157,6 +159,7 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         self.register_to_config(image_proj_model=(None, None))
         try:
             super().save_pretrained(save_directory, **kwargs)
+            apply_umask(save_directory)  # safetensors writes 0600 whatever the umask
         finally:
             self.register_to_config(image_proj_model=entry)
             if has_ip:
@@ -531,6 +534,7 @@ def load_pipeline(
     if offload not in OFFLOAD_CHOICES:
         raise ValueError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
     device, dtype = pick_device_dtype(device, dtype)
+    check_pipeline_inputs(base_model, (controlnet, *extra_controlnets), face_adapter, vae)  # named errors
     nets = [
         ControlNetModel.from_pretrained(str(p), **dtype_kwargs(dtype))
         for p in (controlnet, *extra_controlnets)

@@ -19,6 +19,8 @@ _USER_ERRORS = (
     ("faceid.hub.client", "HubError"),
     ("faceid.hub.datasets", "UnsafeArchiveError"),
     ("ip_adapter.weights", "AdapterWeightsError"),
+    ("ip_adapter.utils", "DiskFullError"),
+    ("faceid.weight_files", "WeightFileError"),
 )
 
 

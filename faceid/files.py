@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
-from ip_adapter.utils import atomic_path  # the one atomic-write rule, shared with weight I/O
+# the one atomic-write rule (umask-respecting modes, disk-full errors naming the file), shared with weight I/O
+from ip_adapter.utils import DiskFullError, atomic_path, current_umask, is_disk_full
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "first_value", "resolve_path"]
+__all__ = [
+    "atomic_path",
+    "write_text_atomic",
+    "write_json_atomic",
+    "first_value",
+    "resolve_path",
+    "DiskFullError",
+    "is_disk_full",
+    "current_umask",
+    "removed_on_disk_full",
+    "apply_umask",
+]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -18,6 +32,32 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj, indent: int = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give the private (0600) files of ``path`` (a file, or every file under a folder) the mode a plain ``open``
+    gives: 0o666 less the umask. For writers that create 0600 files whatever the umask: safetensors' ``save_file``,
+    hence diffusers' and transformers' ``save_pretrained``. Other files (a user's, in the same folder) stay."""
+    path = Path(path)
+    mode = 0o666 & ~current_umask()
+    for p in path.rglob("*") if path.is_dir() else [path]:
+        if p.is_file() and not p.is_symlink() and (p.stat().st_mode & 0o777) == 0o600:
+            os.chmod(p, mode)
+
+
+@contextlib.contextmanager
+def removed_on_disk_full(partial: str | os.PathLike, intact: str, resume: str):
+    """Run a multi-file write into ``partial`` (a folder or file that only becomes real by a later rename); if it
+    runs out of space, remove ``partial`` and raise :class:`DiskFullError` saying what is ``intact`` and how to
+    ``resume``. Writers that do not go through :func:`atomic_path` (torch.save in accelerate's state) included."""
+    partial = Path(partial)
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+        raise DiskFullError(getattr(exc, "path", partial), exc, intact, resume) from exc
 
 
 def _json_default(obj):

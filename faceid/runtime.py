@@ -40,21 +40,38 @@ def dtype_kwargs(dtype) -> dict:
     return {"torch_dtype": dtype}
 
 
+# Loggers of libraries whose INFO/WARNING lines say nothing to our users (accelerate: four lines per checkpoint;
+# kernels/bitsandbytes: "Skipping publisher trust check", "Failed to load CPU gemm_4bit_forward"; the others:
+# weight-loading notices). Errors still show.
+QUIET_LOGGERS = {
+    "transformers": "ERROR",
+    "diffusers": "ERROR",
+    "bitsandbytes": "ERROR",
+    "kernels": "ERROR",
+    "huggingface_hub": "ERROR",
+    "accelerate": "WARNING",
+    "torch.distributed.elastic": "WARNING",
+}
+PROGRESS_DELAY_S = 5.0  # a progress bar appears only once its work has run this long
+
+
 def quiet_third_party() -> None:
-    """Silence what transformers, diffusers and huggingface_hub print that says nothing to our users (weight
-    loading/writing bars of small files, advisory notices); errors still show. The scripts call this once at
-    start-up; long work (downloads, denoising, training) keeps its own progress bars."""
+    """Silence what transformers, diffusers, accelerate, bitsandbytes/kernels and huggingface_hub print that says
+    nothing to our users; errors still show. The scripts call this once at start-up (faceid/cli.py). Progress
+    bars (ours and the libraries') appear only on long work: after :data:`PROGRESS_DELAY_S` seconds."""
     import logging
     import os
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DELAY", str(PROGRESS_DELAY_S))  # read by tqdm at import (child processes too)
+    _delay_progress_bars(float(os.environ["TQDM_DELAY"]))
     warnings.filterwarnings(
         "ignore", category=FutureWarning, module=r"(diffusers|transformers|huggingface_hub)"
     )
     warnings.filterwarnings("ignore", message=r".*torchvision.*")
-    for name in ("transformers", "diffusers", "bitsandbytes"):  # bitsandbytes: "kernels" notice on CPUs
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     try:
         from transformers.utils import logging as tlog
 
@@ -69,3 +86,21 @@ def quiet_third_party() -> None:
         dlog.disable_progress_bar()
     except ImportError:
         pass
+
+
+def _delay_progress_bars(seconds: float) -> None:
+    """``delay=seconds`` as the default of every tqdm bar already importable (TQDM_DELAY covers later imports)."""
+    try:
+        import tqdm.std
+    except ImportError:
+        return
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "_faceid_delay", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("delay", seconds)
+        init(self, *args, **kwargs)
+
+    __init__._faceid_delay = True
+    tqdm.std.tqdm.__init__ = __init__

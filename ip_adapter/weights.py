@@ -124,7 +124,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        state = load_file(path, device="cpu")
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as exc:  # truncated or not a safetensors file
+            raise AdapterWeightsError(f"{path}: cannot read as a safetensors file ({exc})") from exc
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from faceid.face.images import load_image, to_bgr
 from faceid.schema import EMBEDDING_DIM
+from faceid.weight_files import check_onnx_folder
 
 # skimage (used by insightface's norm_crop) warns on every call in recent versions.
 warnings.filterwarnings("ignore", message=r".*estimate.*deprecated", category=FutureWarning)
@@ -196,6 +197,7 @@ class FaceAnalyzer:
                 f"no face-analysis models in {self.model_dir}: run `python download.py` (real antelopev2) or "
                 f"`python download.py --tiny DIR` (tests), or pass the folder that holds models/{name}"
             )
+        check_onnx_folder(self.model_dir)
         if device_id is None:
             device_id = int(os.environ.get("LOCAL_RANK", "0") or 0)
         if providers is None:

@@ -312,7 +312,7 @@ def request_from_args(args, face_image, embedding, kps, prompt: str):
     options = dict(
         prompt=prompt,
         embeds=embedding,
-        negative_prompt=args.negative_prompt,
+        negative_prompt=args.negative_prompt or None,  # empty: SDXL's zero embeddings
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         ip_adapter_scale=args.ip_adapter_scale,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from faceid.weight_files import check_lora
+
 
 class LoraError(ValueError):
     """A LoRA that cannot be loaded (missing file, peft missing, a LoRA for another model); names the spec."""
@@ -29,6 +31,7 @@ def load_loras(pipe, specs) -> list[str]:
         path, scale = parse_lora_spec(spec) if isinstance(spec, str) else (str(spec[0]), float(spec[1]))
         if not Path(path).exists():
             raise FileNotFoundError(f"LoRA not found: {path}")
+        check_lora(path)
         name = f"lora{i}"
         p = Path(path)
         try:

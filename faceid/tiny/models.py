@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from faceid.files import apply_umask
+
 BASE_DIRNAME = "stable-diffusion-xl-base-1.0"
 CONTROLNET_SUBDIR = "checkpoints/ControlNetModel"
 ADAPTER_FILE = "checkpoints/ip-adapter.bin"
@@ -333,6 +335,7 @@ def build_tiny(out_dir: str | os.PathLike, seed: int = 0, faces: bool = True) ->
 
         build_tiny_antelopev2(paths["antelopev2"])
     marker.write_text("ok\n")
+    apply_umask(paths["root"])  # save_pretrained's safetensors are 0600
     return paths
 
 

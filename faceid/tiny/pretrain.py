@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from faceid.files import apply_umask
 from faceid.tiny.world import (
     BACKGROUNDS,
     IMAGE_SIZE,
@@ -315,6 +316,7 @@ def save_fp16(module_or_dict, path: Path) -> None:
     sd = {k: (torch.as_tensor(v).to(torch.float16) if torch.as_tensor(v).is_floating_point() else torch.as_tensor(v))
           .contiguous() for k, v in sd.items()}  # fmt: skip
     save_file(sd, str(path))
+    apply_umask(path)  # safetensors writes 0600 whatever the umask
 
 
 def _update_info(out: Path, key: str, value: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from faceid.files import write_json_atomic
+from faceid.files import apply_umask, write_json_atomic
 from faceid.train.errors import TrainingInputError
 
 STATE_FILE = "trainer_state.json"
@@ -91,6 +91,7 @@ def export_weights(out_dir: str | os.PathLike, model, safetensors: bool = True) 
     tmp = out_dir / f".{CONTROLNET_DIR}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     model.controlnet.save_pretrained(tmp, safe_serialization=True)
+    apply_umask(tmp)  # safetensors writes 0600 whatever the umask
     final = out_dir / CONTROLNET_DIR
     if final.exists():
         shutil.rmtree(final)
@@ -147,6 +148,20 @@ def register_hooks(accelerator, unwrap) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def checkpoint_disk_full(output_dir, partial: Path, final: Path):
+    """Disk full while writing a checkpoint: the partial folder goes, the message names the last complete one."""
+    from faceid.files import removed_on_disk_full
+
+    done = complete_checkpoints(output_dir)
+    intact = (
+        f"{final.name} was not written (partial files removed); {done[-1][1]} is intact"
+        if done
+        else f"{final.name} was not written (partial files removed); no earlier checkpoint exists"
+    )
+    resume = "free some space, then rerun the same command with --resume_from_checkpoint latest"
+    return removed_on_disk_full(partial, intact, resume)
+
+
 def save_checkpoint(
     accelerator, output_dir: str | os.PathLike, step: int, state: dict, total_limit=None, write_extra=None
 ):
@@ -159,12 +174,14 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
+    with checkpoint_disk_full(output_dir, partial, final):
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if write_extra is not None:
+                write_extra(partial)
+            write_json_atomic(partial / STATE_FILE, state)
     if accelerator.is_main_process:
-        if write_extra is not None:
-            write_extra(partial)
-        write_json_atomic(partial / STATE_FILE, state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)

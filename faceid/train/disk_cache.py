@@ -142,6 +142,7 @@ class DiskCache:
 
     def __init__(self, cache_dir: str | os.PathLike):
         from faceid.prep.parts import PartStore
+        from faceid.weight_files import check_cache_parts
 
         self.dir = Path(cache_dir)
         self.manifest = read_manifest(self.dir)
@@ -151,6 +152,7 @@ class DiskCache:
             st = path.with_suffix(".safetensors").name
             for rec in store.read_part(path):
                 self.where[rec["key"]] = st
+        check_cache_parts([self.dir / "parts" / f for f in sorted(set(self.where.values()))], self.dir)
         self._open: dict[str, object] = {}
 
     def __getstate__(self):

@@ -57,6 +57,7 @@ def load_components(args, weight_dtype, device):
     """Everything from the SDXL folder / hub id, IdentityNet, the face adapter. Trained parts stay fp32."""
     from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
+    from faceid.weight_files import check_pipeline_inputs
     from ip_adapter.resampler import Resampler
     from ip_adapter.weights import (
         build_resampler,
@@ -67,6 +68,7 @@ def load_components(args, weight_dtype, device):
     )
 
     base, rev = args.pretrained_model_name_or_path, args.revision
+    check_pipeline_inputs(None, [args.controlnet_model_name_or_path], args.pretrained_ip_adapter_path)
     enc = load_encoders(args, weight_dtype, device)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=rev)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=rev)
@@ -123,7 +125,10 @@ def load_encoders(args, weight_dtype, device) -> dict:
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    from faceid.weight_files import check_pipeline_inputs
+
     base, rev = args.pretrained_model_name_or_path, args.revision
+    check_pipeline_inputs(base, vae=args.pretrained_vae_model_name_or_path)  # truncated / wrong kind: named
     tok = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=rev, use_fast=False)
     tok2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=rev, use_fast=False)
     te = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=rev)

@@ -183,6 +183,23 @@ def parse_args(argv=None):
         default=True,
         help="append each step's item/reference ids to OUTPUT/samples/rank-R.jsonl",
     )
+    # ---- identity monitoring (issue 21; faceid/train/monitor.py, docs/training.md) ----
+    g = p.add_argument_group("identity monitoring")
+    g.add_argument("--validation_persons", type=int, default=0,
+                   help="hold this many persons (2+ photos each) out of training; at --validation_steps score "
+                        "generations of them: Face Sim same/different person, margin, copy-paste (0: off)")  # fmt: skip
+    g.add_argument("--validation_index", default=None,
+                   help="score validation on this index's persons instead (first photo = reference)")  # fmt: skip
+    g.add_argument("--validation_max_persons", type=int, default=8)
+    g.add_argument("--validation_face_model", default=os.path.dirname(ID_LOSS_RECOGNIZER),
+                   help="insightface pack (antelopev2) that scores validation")  # fmt: skip
+    g.add_argument("--validation_clip_model", default=None, help="CLIP model folder: also log CLIP-T")
+    g.add_argument(
+        "--validation_identity_prompt", default=None, help="default: the reference photo's caption"
+    )
+    g.add_argument("--collapse_check_steps", type=int, default=0,
+                   help="every N steps log the face-token spread and loss gap; warn once on collapse (0: off)")  # fmt: skip
+    g.add_argument("--collapse_probe_persons", type=int, default=8)
     args = p.parse_args(argv)
     return args
 
@@ -257,6 +274,12 @@ def build_data(args, tokenizers, rank, world, log, enc=None):
     records, bad = load_checked_records(
         path, fmt, args.data_root_path, args.person_id_from_folder, args.skip_bad_samples, logger=log
     )
+    # issue 21: persons held out of training for identity validation (faceid/train/monitor.py)
+    held_out = []
+    if getattr(args, "validation_persons", 0) and args.validation_steps and not args.validation_index:
+        from faceid.train.monitor import split_persons
+
+        records, held_out = split_persons(records, args.validation_persons, args.seed)
     buckets = scaled_buckets(args.resolution, args.bucket_multiple) if args.aspect_ratio_buckets else None
     source = {"kind": "index", "path": os.path.abspath(path), "items": len(records)}
     cache = open_disk_cache(
@@ -272,6 +295,7 @@ def build_data(args, tokenizers, rank, world, log, enc=None):
         )
 
     ds.num_bad = len(bad)
+    ds.held_out = held_out
     return ds, records, factory, sampler.num_batches()
 
 
@@ -359,16 +383,12 @@ def log_validation(parts, model, items, prompts, args, step, accelerator):
         return _log_validation(parts, model, items, prompts, args, step, accelerator)
 
 
-def _log_validation(parts, model, items, prompts, args, step, accelerator):
-    import numpy as np
-    import torch
+def validation_pipeline(parts, model):
+    """The InstantID pipeline around the weights being trained (no copies)."""
     from diffusers import EulerDiscreteScheduler
-    from PIL import Image
 
     from pipeline_stable_diffusion_xl_instantid import StableDiffusionXLInstantIDPipeline
 
-    was_training = [m.training for m in (model.controlnet, model.image_proj)]
-    model.eval()
     pipe = StableDiffusionXLInstantIDPipeline(
         vae=parts["vae"],
         text_encoder=parts["text_encoder"],
@@ -382,6 +402,36 @@ def _log_validation(parts, model, items, prompts, args, step, accelerator):
     )
     pipe.image_proj_model = model.image_proj
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def monitor_generate(parts, model, args, accelerator, requests):
+    """Identity validation's images (faceid/train/monitor.py): one per (embedding, keypoint image, prompt, seed)."""
+    import torch
+
+    was_training = [m.training for m in (model.controlnet, model.image_proj)]
+    model.eval()
+    pipe, images = validation_pipeline(parts, model), []
+    with torch.no_grad():
+        for emb, kps, prompt, seed in requests:
+            g = torch.Generator(device=accelerator.device).manual_seed(seed)
+            with accelerator.autocast():
+                images.append(pipe(prompt, image_embeds=emb, image=kps, height=kps.size[1], width=kps.size[0],
+                                   num_inference_steps=args.validation_steps_count,
+                                   guidance_scale=args.validation_guidance_scale, generator=g).images[0])  # fmt: skip
+    model.controlnet.train(was_training[0])
+    model.image_proj.train(was_training[1])
+    return images
+
+
+def _log_validation(parts, model, items, prompts, args, step, accelerator):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    was_training = [m.training for m in (model.controlnet, model.image_proj)]
+    model.eval()
+    pipe = validation_pipeline(parts, model)
     rows = []
     for emb, kps in items:
         row = []
@@ -433,6 +483,7 @@ def main(args):
     from faceid.train import checkpoints as ckpt
     from faceid.train.ema import EMA
     from faceid.train.errors import TrainingInputError
+    from faceid.train.monitor import TrainingMonitor
 
     check_args(args)
 
@@ -534,6 +585,15 @@ def main(args):
     )
     logs_out = StepLogs(args, rank, accelerator)
     nonfinite_in_a_row = 0
+    # issue 21: identity validation on held-out persons and the collapse probe (faceid/train/monitor.py)
+    monitor = None
+    if accelerator.is_main_process and TrainingMonitor.wanted(args):
+        monitor = TrainingMonitor(
+            args, parts, unwrapped, records, getattr(ds, "held_out", []), weight_dtype, accelerator.device,
+            logs_out.scalars, lambda reqs: monitor_generate(parts, unwrapped, args, accelerator, reqs), log,
+        )  # fmt: skip
+        if global_step == 0:
+            monitor.at_step(0)  # the start values (a resumed run reads them from train_log.jsonl)
 
     def trainer_state(step):
         # What resume compares with the new run's setup (a change breaks the exact data order).
@@ -652,6 +712,8 @@ def main(args):
             ):
                 out = log_validation(parts, unwrapped, val_items, val_prompts, args, global_step, accelerator)
                 log.info(f"Validation grid: {out}")
+            if monitor is not None:
+                monitor.at_step(global_step)
             if global_step >= max_steps:
                 break
             if args.stop_after_steps and global_step >= args.stop_after_steps:

@@ -48,7 +48,7 @@ VALIDATION_PERSONS=${VALIDATION_PERSONS:-8}  # persons held out of training, sco
 VALIDATION_INDEX=${VALIDATION_INDEX:-""}     # or: score these persons' photos instead (nothing held out)
 FACE_MODEL=${FACE_MODEL:-"models/antelopev2"}  # insightface pack that scores validation (Face Sim)
 CLIP_MODEL=${CLIP_MODEL:-""}                 # a CLIP model folder: also log CLIP-T
-COLLAPSE_CHECK_STEPS=${COLLAPSE_CHECK_STEPS:-100}  # face-token spread + loss gap every N steps; warns on collapse; 0: off
+COLLAPSE_CHECK_STEPS=${COLLAPSE_CHECK_STEPS:-200}  # face-token spread + loss gap every N steps; warns on collapse; 0: off
 
 # ---- launch ----------------------------------------------------------------------------------------------
 NUM_GPUS=${NUM_GPUS:-1}                      # per node

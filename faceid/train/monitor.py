@@ -213,6 +213,7 @@ class CollapseProbe:
             text_drop=0.0, face_drop=0.0, both_drop=0.0,
         )  # fmt: skip
         self.batch = collate([ds[i] for i in range(len(picked))])
+        self.n, self.chunk = len(picked), max(1, args.train_batch_size)
         self.args = SimpleNamespace(**{**vars(args), "id_loss_weight": 0.0})  # the denoising loss alone
         self.parts, self.cache = parts, CondCache(True, True)
         self.torch = torch
@@ -235,7 +236,13 @@ class CollapseProbe:
             losses = []
             for b in (self.batch, wrong):
                 gen = micro_generator(self.args.seed, -1, 0, device)  # the same noise for both
-                losses.append(float(compute_loss(b, parts, self.args, gen, weight_dtype, self.cache)))
+                # In chunks of the training batch: the probe never needs more memory than a training step.
+                parts_ = [
+                    compute_loss(_rows(b, i, i + self.chunk), parts, self.args, gen, weight_dtype, self.cache)
+                    * len(range(i, min(i + self.chunk, self.n)))
+                    for i in range(0, self.n, self.chunk)
+                ]
+                losses.append(float(sum(parts_)) / self.n)
         model.image_proj.train(was)
         gap = (losses[1] - losses[0]) / max(losses[0], 1e-12)
         return {"token_spread": spread, "loss_gap": gap, "probe_seconds": time.perf_counter() - t0}
@@ -267,6 +274,10 @@ class CollapseAlarm:
         self.warned = True
         return (f"step {step}: the Resampler is collapsing ({why}): the model is learning to ignore the face. "
                 f"{COLLAPSE_REMEDIES}")  # fmt: skip
+
+
+def _rows(batch: dict, a: int, b: int) -> dict:
+    return {k: v[a:b] for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------------------ the trainer's hook

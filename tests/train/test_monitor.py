@@ -116,7 +116,7 @@ class _Capture(logging.Handler):
 @pytest.fixture(scope="module")
 def collapsed(tiny_paths, tmp_path_factory):
     """25 steps at lr 1e-2 on the miniature (8 persons × 4 photos, 2 held out for validation), probed at 0 and
-    25, validated at 0 and 25 (4 sampling steps): the Resampler collapses."""
+    25, validated at 0 and 25 (2 sampling steps): the Resampler collapses."""
     import train_instantId_sdxl as t
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -125,7 +125,7 @@ def collapsed(tiny_paths, tmp_path_factory):
     out = root / "out"
     argv = C.train_args(tiny_paths, data, out, COLLAPSE_STEPS, 0, *C.IDENTITY_FLAGS)
     argv += ["--learning_rate", COLLAPSE_LR, "--collapse_check_steps", str(COLLAPSE_STEPS),
-             "--validation_persons", "2", "--validation_steps", str(COLLAPSE_STEPS), "--validation_steps_count", "4",
+             "--validation_persons", "2", "--validation_steps", str(COLLAPSE_STEPS), "--validation_steps_count", "2",
              "--validation_face_model", str(tiny_paths["antelopev2"]), "--num_validation_faces", "0"]  # fmt: skip
     cap = _Capture()
     logging.getLogger("train_instantid").addHandler(cap)

@@ -591,6 +591,7 @@ def main(args):
         monitor = TrainingMonitor(
             args, parts, unwrapped, records, getattr(ds, "held_out", []), weight_dtype, accelerator.device,
             logs_out.scalars, lambda reqs: monitor_generate(parts, unwrapped, args, accelerator, reqs), log,
+            accelerator.autocast,
         )  # fmt: skip
         if global_step == 0:
             monitor.at_step(0)  # the start values (a resumed run reads them from train_log.jsonl)

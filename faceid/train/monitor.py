@@ -14,6 +14,7 @@ The trainer passes in what packages cannot import (the pipeline is a top-level s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -219,7 +220,7 @@ class CollapseProbe:
         self.torch = torch
         self.alarm = CollapseAlarm((start or {}).get("token_spread"))
 
-    def measure(self, model, weight_dtype, device) -> dict:
+    def measure(self, model, weight_dtype, device, autocast=contextlib.nullcontext) -> dict:
         """``token_spread`` and ``loss_gap`` = (loss with a wrong person's face − loss with the right one) / the
         right one's, same noise and timesteps; ``probe_seconds``."""
         torch = self.torch
@@ -230,7 +231,8 @@ class CollapseProbe:
         model.image_proj.eval()
         parts = dict(self.parts, model=model)
         wrong = dict(self.batch, face_embeds=self.batch["face_embeds"].roll(1, dims=0))
-        with torch.no_grad():
+        # autocast as in training: with fp16/bf16 the frozen UNet runs in half precision, the trained layers in fp32
+        with torch.no_grad(), autocast():
             emb = self.batch["face_embeds"].to(device, model.image_proj.proj_in.weight.dtype)
             spread = token_spread(model.image_proj(emb))
             losses = []
@@ -304,10 +306,22 @@ class TrainingMonitor:
     with the weights being trained."""
 
     def __init__(
-        self, args, parts, model, records, held_out, weight_dtype, device, log_scalars, generate, log=None
+        self,
+        args,
+        parts,
+        model,
+        records,
+        held_out,
+        weight_dtype,
+        device,
+        log_scalars,
+        generate,
+        log=None,
+        autocast=contextlib.nullcontext,
     ):
         self.args, self.model, self.dtype, self.device = args, model, weight_dtype, device
         self.log_scalars, self.generate, self.log = log_scalars, generate, log or logger
+        self.autocast = autocast
         self.validation = self.probe = None
         if args.collapse_check_steps and records:
             start = _start_values(os.path.join(args.output_dir, "train_log.jsonl"))
@@ -332,7 +346,7 @@ class TrainingMonitor:
     def at_step(self, step: int) -> dict:
         out = {}
         if self.probe is not None and step % self.args.collapse_check_steps == 0:
-            out.update(self.probe.measure(self.model, self.dtype, self.device))
+            out.update(self.probe.measure(self.model, self.dtype, self.device, self.autocast))
             msg = self.probe.alarm.check(step, out["token_spread"], out["loss_gap"])
             if msg:
                 self.log.warning(msg)

@@ -183,7 +183,7 @@ def token_spread(tokens) -> float:
     import torch
 
     x = tokens.float().flatten(1) / tokens.shape[1] ** 0.5
-    d = torch.cdist(x[None], x[None])[0]
+    d = torch.cdist(x[None], x[None], compute_mode="donot_use_mm_for_euclid_dist")[0]  # exact near 0
     p = x.shape[0]
     return float(d.sum() / max(p * (p - 1), 1))
 

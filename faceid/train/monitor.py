@@ -33,11 +33,12 @@ SPREAD_FRACTION = 0.1  # token spread below this share of its start value
 GAP_ZERO = 1e-3  # |loss gap| below this (relative) counts as "no use of the face"
 GAP_PATIENCE = 3  # ... in this many probes in a row, after the start
 COLLAPSE_REMEDIES = (
-    "Likely causes: the learning rate is too high for the Resampler (it collapsed within 100 steps at 1e-2 in the "
+    "Likely causes: the learning rate is too high for the Resampler (it collapsed within 25 steps at 1e-2 in the "
     "miniature world), dropped captions encoded as the empty prompt instead of zeros (--no-text_drop_zeros), an "
     "untrained IdentityNet/adapter that disturbs the frozen UNet (start from the official weights or a quiet "
     "Resampler), or face embeddings that do not match the target person (check person_id and --cross_id). "
-    "Remedies (docs/training.md#collapse): lower --learning_rate, keep --text_drop_zeros, train the adapter first "
+    "Remedies (docs/training.md, Monitoring identity and collapse): lower --learning_rate or warm it up, keep "
+    "--text_drop_zeros, train the adapter first "
     "(--no-train_identitynet), check the index."
 )
 

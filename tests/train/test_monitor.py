@@ -124,7 +124,7 @@ def collapsed(tiny_paths, tmp_path_factory):
     data = C.write_world_dataset(root / "data", PERSONS, 4, C.Recognizer(tiny_paths["antelopev2"]), seed=1)
     out = root / "out"
     argv = C.train_args(tiny_paths, data, out, COLLAPSE_STEPS, 0, *C.IDENTITY_FLAGS)
-    argv += ["--learning_rate", COLLAPSE_LR, "--collapse_check_steps", str(COLLAPSE_STEPS),
+    argv += ["--learning_rate", COLLAPSE_LR, "--collapse_check_steps", str(COLLAPSE_STEPS), "--cache_latents",
              "--validation_persons", "2", "--validation_steps", str(COLLAPSE_STEPS), "--validation_steps_count", "2",
              "--validation_face_model", str(tiny_paths["antelopev2"]), "--num_validation_faces", "0"]  # fmt: skip
     cap = _Capture()

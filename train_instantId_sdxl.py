@@ -169,6 +169,23 @@ def parse_args(argv=None):
         default=True,
         help="append each step's item/reference ids to OUTPUT/samples/rank-R.jsonl",
     )
+    # ---- identity monitoring (issue 21; faceid/train/monitor.py, docs/training.md) ----
+    g = p.add_argument_group("identity monitoring")
+    g.add_argument("--validation_persons", type=int, default=0,
+                   help="hold this many persons (2+ photos each) out of training; at --validation_steps score "
+                        "generations of them: Face Sim same/different person, margin, copy-paste (0: off)")  # fmt: skip
+    g.add_argument("--validation_index", default=None,
+                   help="score validation on this index's persons instead (first photo = reference)")  # fmt: skip
+    g.add_argument("--validation_max_persons", type=int, default=8)
+    g.add_argument("--validation_face_model", default=os.path.dirname(ID_LOSS_RECOGNIZER),
+                   help="insightface pack (antelopev2) that scores validation")  # fmt: skip
+    g.add_argument("--validation_clip_model", default=None, help="CLIP model folder: also log CLIP-T")
+    g.add_argument(
+        "--validation_identity_prompt", default=None, help="default: the reference photo's caption"
+    )
+    g.add_argument("--collapse_check_steps", type=int, default=0,
+                   help="every N steps log the face-token spread and loss gap; warn once on collapse (0: off)")  # fmt: skip
+    g.add_argument("--collapse_probe_persons", type=int, default=8)
     args = p.parse_args(argv)
     return args
 
@@ -251,16 +268,12 @@ def log_validation(parts, model, items, prompts, args, step, accelerator):
         return _log_validation(parts, model, items, prompts, args, step, accelerator)
 
 
-def _log_validation(parts, model, items, prompts, args, step, accelerator):
-    import numpy as np
-    import torch
+def validation_pipeline(parts, model):
+    """The InstantID pipeline around the weights being trained (no copies)."""
     from diffusers import EulerDiscreteScheduler
-    from PIL import Image
 
     from pipeline_stable_diffusion_xl_instantid import StableDiffusionXLInstantIDPipeline
 
-    was_training = [m.training for m in (model.controlnet, model.image_proj)]
-    model.eval()
     pipe = StableDiffusionXLInstantIDPipeline(
         vae=parts["vae"],
         text_encoder=parts["text_encoder"],
@@ -274,6 +287,36 @@ def _log_validation(parts, model, items, prompts, args, step, accelerator):
     )
     pipe.image_proj_model = model.image_proj
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def monitor_generate(parts, model, args, accelerator, requests):
+    """Identity validation's images (faceid/train/monitor.py): one per (embedding, keypoint image, prompt, seed)."""
+    import torch
+
+    was_training = [m.training for m in (model.controlnet, model.image_proj)]
+    model.eval()
+    pipe, images = validation_pipeline(parts, model), []
+    with torch.no_grad():
+        for emb, kps, prompt, seed in requests:
+            g = torch.Generator(device=accelerator.device).manual_seed(seed)
+            with accelerator.autocast():
+                images.append(pipe(prompt, image_embeds=emb, image=kps, height=kps.size[1], width=kps.size[0],
+                                   num_inference_steps=args.validation_steps_count,
+                                   guidance_scale=args.validation_guidance_scale, generator=g).images[0])  # fmt: skip
+    model.controlnet.train(was_training[0])
+    model.image_proj.train(was_training[1])
+    return images
+
+
+def _log_validation(parts, model, items, prompts, args, step, accelerator):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    was_training = [m.training for m in (model.controlnet, model.image_proj)]
+    model.eval()
+    pipe = validation_pipeline(parts, model)
     rows = []
     for emb, kps in items:
         row = []
@@ -322,6 +365,7 @@ def main(args, hooks: TrainHooks | None = None):
     import faceid.train.model as training
     from faceid.train import checkpoints as ckpt
     from faceid.train.ema import EMA
+    from faceid.train.monitor import TrainingMonitor
 
     hooks = hooks or TrainHooks()
     check_args(args)
@@ -375,6 +419,16 @@ def main(args, hooks: TrainHooks | None = None):
     )
     logs_out = StepLogs(args, rank, accelerator)
     nonfinite_in_a_row = 0
+    # Identity on held-out persons and the collapse probe (faceid/train/monitor.py): a silent collapse shows here.
+    monitor = None
+    if accelerator.is_main_process and TrainingMonitor.wanted(args):
+        monitor = TrainingMonitor(
+            args, parts, unwrapped, data.records, getattr(data.dataset, "held_out", []), weight_dtype,
+            accelerator.device, logs_out.scalars,
+            lambda reqs: monitor_generate(parts, unwrapped, args, accelerator, reqs), log, accelerator.autocast,
+        )  # fmt: skip
+        if global_step == 0:
+            monitor.at_step(0)  # the start values (a resumed run reads them from train_log.jsonl)
     for epoch in range(first_epoch, sched.num_epochs):
         if global_step >= sched.max_steps:
             break
@@ -416,6 +470,8 @@ def main(args, hooks: TrainHooks | None = None):
             ):
                 out = log_validation(parts, unwrapped, val_items, val_prompts, args, global_step, accelerator)
                 log.info(f"Validation grid: {out}")
+            if monitor is not None:
+                monitor.at_step(global_step)
             if global_step >= sched.max_steps:
                 break
             if hooks.stop_after_steps and global_step >= hooks.stop_after_steps:

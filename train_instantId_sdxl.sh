@@ -48,6 +48,13 @@ EMA_DECAY=${EMA_DECAY:-0.9999}
 ID_LOSS_WEIGHT=${ID_LOSS_WEIGHT:-0}          # > 0: identity loss (needs models/antelopev2/glintr100.onnx)
 ID_LOSS_MAX_TIMESTEP=${ID_LOSS_MAX_TIMESTEP:-400}
 
+# ---- identity monitoring (docs/training.md#monitoring-identity-and-collapse; report: python report_run.py OUTPUT_DIR)
+VALIDATION_PERSONS=${VALIDATION_PERSONS:-8}  # persons held out of training, scored at every VALIDATION_STEPS; 0: off
+VALIDATION_INDEX=${VALIDATION_INDEX:-""}     # or: score these persons' photos instead (nothing held out)
+FACE_MODEL=${FACE_MODEL:-"models/antelopev2"}  # insightface pack that scores validation (Face Sim)
+CLIP_MODEL=${CLIP_MODEL:-""}                 # a CLIP model folder: also log CLIP-T
+COLLAPSE_CHECK_STEPS=${COLLAPSE_CHECK_STEPS:-200}  # face-token spread + loss gap every N steps; warns on collapse; 0: off
+
 # ---- launch ----------------------------------------------------------------------------------------------
 NUM_GPUS=${NUM_GPUS:-1}                      # per node
 NUM_NODES=${NUM_NODES:-1}
@@ -87,6 +94,13 @@ fi
 [ -n "$RESUME" ] && args+=(--resume_from_checkpoint "$RESUME")
 [ -n "$CACHE_DIR" ] && args+=(--precomputed_cache "$CACHE_DIR")
 [ "$USE_EMA" = "1" ] && args+=(--use_ema --ema_decay "$EMA_DECAY")
+if [ -n "$VALIDATION_INDEX" ]; then
+  args+=(--validation_index "$VALIDATION_INDEX")
+else
+  args+=(--validation_persons "$VALIDATION_PERSONS")
+fi
+args+=(--validation_face_model "$FACE_MODEL" --collapse_check_steps "$COLLAPSE_CHECK_STEPS")
+[ -n "$CLIP_MODEL" ] && args+=(--validation_clip_model "$CLIP_MODEL")
 [ "$ID_LOSS_WEIGHT" != "0" ] && args+=(--id_loss_weight "$ID_LOSS_WEIGHT" --id_loss_max_timestep "$ID_LOSS_MAX_TIMESTEP")
 
 TOTAL=$((NUM_GPUS * NUM_NODES))

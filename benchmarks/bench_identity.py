@@ -6,6 +6,7 @@
     python benchmarks/bench_identity.py faceid6m    [--steps 600]
     python benchmarks/bench_identity.py id_loss     [--id_loss_weight 0.1]
     python benchmarks/bench_identity.py all --json docs/miniature.json --plot docs/miniature.png
+    python benchmarks/bench_identity.py identity --seeds 0 --report reports   # + each run's curves (report_run.py)
 
 * identity: Face Sim (tiny recognizer) of images generated with a held-out reference photo's embedding vs that
   person, and vs another person (baseline), with the start checkpoints ("before") and after ``--steps`` steps of
@@ -39,10 +40,22 @@ TRAIN_PERSONS = list(range(8))
 HELD_OUT = list(range(80, 88))
 
 
+# --report DIR: every training run also monitors itself (issue 21: identity validation on fresh photos of persons
+# 0-7, collapse probe; the training is unchanged) and its report goes to DIR/<run>/ (report_run.py).
+REPORT: dict = {}
+
+
 def train(argv, hooks=None):
     import train_instantId_sdxl as t
 
-    return t.main(t.parse_args(argv), hooks=hooks)
+    if not REPORT:
+        return t.main(t.parse_args(argv), hooks=hooks)
+    out = Path(argv[argv.index("--output_dir") + 1])
+    res = t.main(t.parse_args([*argv, *REPORT["flags"]]), hooks=hooks)
+    from faceid.train.run_report import write_report
+
+    write_report(out, REPORT["dir"] / out.name)
+    return res
 
 
 def pipe_for(paths, out=None):
@@ -201,6 +214,9 @@ def main(argv=None):
         "--from_json", nargs="+", default=None, help="print and plot earlier --json files (no runs)"
     )
     p.add_argument("--plot", default=None, help="write the plot PNG here")
+    p.add_argument(
+        "--report", default=None, help="monitor every training run; its report goes to REPORT/<run>/"
+    )
     args = p.parse_args(argv)
     import logging
 
@@ -229,6 +245,12 @@ def main(argv=None):
         tmp = Path(tmp)
         paths = build_tiny(args.tiny or tmp / "tiny")
         rec = C.Recognizer(paths["antelopev2"])
+        if args.report:
+            val = C.write_world_dataset(tmp / "report_val", TRAIN_PERSONS, 3, rec, seed=2)
+            REPORT.update(dir=Path(args.report), flags=[
+                "--validation_index", str(val.index), "--validation_steps", str(max(1, args.steps // 3)),
+                "--validation_steps_count", str(C.GEN_STEPS), "--num_validation_faces", "0",
+                "--validation_face_model", str(paths["antelopev2"]), "--collapse_check_steps", "50"])  # fmt: skip
         claims = ["identity", "crossfaceid", "faceid6m"] if args.claim == "all" else [args.claim]
         for claim in claims:
             t0 = time.time()

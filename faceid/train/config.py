@@ -203,7 +203,13 @@ def build_data(args, tokenizers, rank: int, world: int, log, enc=None) -> TrainD
         return TrainData(ds, None, shard_loader, ds.num_batches())
 
     index = load_index_source(args, args.person_id_from_folder, logger=log)
-    records = index.records
+    records, held_out = index.records, []
+    if getattr(args, "validation_persons", 0) and args.validation_steps and not args.validation_index:
+        # Persons held out of training for identity validation (faceid/train/monitor.py); the cache manifest
+        # still names the whole index, so one precomputed cache serves runs with and without a hold-out.
+        from faceid.train.monitor import split_persons
+
+        records, held_out = split_persons(records, args.validation_persons, args.seed)
     cache = open_disk_cache(
         args, enc, index.source, index.buckets, [r.key for r in records], [r.caption for r in records]
     )
@@ -221,4 +227,5 @@ def build_data(args, tokenizers, rank: int, world: int, log, enc=None) -> TrainD
         )
 
     ds.num_bad = len(index.bad)
+    ds.held_out = held_out
     return TrainData(ds, records, index_loader, sampler.num_batches())

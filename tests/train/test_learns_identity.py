@@ -41,8 +41,8 @@ def world(tiny_paths, tmp_path_factory):
     return dict(rec=rec, data=data, refs=refs, emb=ref_emb, before=before)
 
 
-def _after(tiny_paths, world, out, kind=None):
-    argv = C.train_args(tiny_paths, world["data"], out, C.IDENTITY_STEPS, SEED, *C.IDENTITY_FLAGS)
+def _after(tiny_paths, world, out, kind=None, extra=()):
+    argv = C.train_args(tiny_paths, world["data"], out, C.IDENTITY_STEPS, SEED, *C.IDENTITY_FLAGS, *extra)
     _train(argv, hooks=C.broken_trainer(kind))
     return C.identity_scores(_pipe(tiny_paths, out), world["rec"], world["refs"], world["emb"], SEED)
 
@@ -51,11 +51,57 @@ def _margins(world, after):
     return after["same"] - world["before"]["same"], after["same"] - after["different"]
 
 
-def test_training_learns_identity(tiny_paths, world, tmp_path):
-    after = _after(tiny_paths, world, tmp_path / "ok")
+# Issue 21: the working run also monitors itself (no extra training): identity validation at the start and the end
+# on fresh photos of the trained persons (at 600 steps the miniature does not generalise to unseen persons,
+# docs/miniature.md) and the collapse probe every 100 steps. Neither touches the training's random numbers.
+VALIDATION_STEPS, PROBE_STEPS = C.IDENTITY_STEPS, 100
+# Measured here (validation photos seed 4): same-person Face Sim +0.06 at step 0, +0.19 at 600 (rise +0.13); different
+# person -0.03 at 600 (margin +0.22); token spread 0.22 -> 0.66.
+VAL_MARGIN = 0.08
+
+
+@pytest.fixture(scope="module")
+def working(tiny_paths, world, tmp_path_factory):
+    import json
+    import logging
+
+    root = tmp_path_factory.mktemp("ok")
+    val = C.write_world_dataset(root / "val", PERSONS, 3, world["rec"], seed=4)
+    flags = ("--validation_index", str(val.index), "--validation_steps", str(VALIDATION_STEPS),
+             "--validation_steps_count", str(C.GEN_STEPS), "--num_validation_faces", "0",
+             "--validation_face_model", str(tiny_paths["antelopev2"]), "--collapse_check_steps", str(PROBE_STEPS))  # fmt: skip
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("train_instantid").addHandler(handler)
+    try:
+        after = _after(tiny_paths, world, root / "out", extra=flags)
+    finally:
+        logging.getLogger("train_instantid").removeHandler(handler)
+    rows = [json.loads(line) for line in (root / "out" / "train_log.jsonl").read_text().splitlines()]
+    return dict(after=after, rows=rows, warnings=warnings)
+
+
+def test_training_learns_identity(world, working):
+    after = working["after"]
     rise, sep = _margins(world, after)
     assert after["face_found"] == 1.0, after
     assert rise > MARGIN and sep > MARGIN, (world["before"]["same"], after)
+
+
+def test_monitor_logs_identity_rising_and_spread_kept(working):
+    """From train_log.jsonl alone: validation Face Sim same-person rises above different-person; the face-token
+    spread stays up and the collapse warning never fires."""
+    val = {r["step"]: r for r in working["rows"] if "val_same" in r}
+    assert sorted(val) == list(range(0, C.IDENTITY_STEPS + 1, VALIDATION_STEPS))
+    first, last = val[0], val[C.IDENTITY_STEPS]
+    assert last["val_same"] - first["val_same"] > VAL_MARGIN, val
+    assert last["val_same"] - last["val_different"] > VAL_MARGIN, val
+    spread = [r["token_spread"] for r in working["rows"] if "token_spread" in r]
+    assert len(spread) == C.IDENTITY_STEPS // PROBE_STEPS + 1
+    assert min(spread[1:]) > 0.5 * spread[0] and spread[-1] > spread[0], spread
+    assert not any(r.get("collapse_warning") for r in working["rows"])
+    assert not any("collapsing" in m for m in working["warnings"])
 
 
 @pytest.mark.parametrize("kind", C.BROKEN_TRAINERS)

@@ -163,12 +163,14 @@ def test_validation_scores_held_out_persons(collapsed):
 
 def test_held_out_persons_are_not_trained_on(tiny_paths, tmp_path):
     import train_instantId_sdxl as t
+    from faceid.train.config import build_data
     from faceid.train.records import load_checked_records
 
     data = C.write_world_dataset(tmp_path / "d", PERSONS, 2, C.Recognizer(tiny_paths["antelopev2"]), seed=3)
     args = t.parse_args(C.train_args(tiny_paths, data, tmp_path / "o", 1, 0, "--validation_persons", "3",
                                      "--validation_steps", "10"))  # fmt: skip
-    ds, records, _, _ = t.build_data(args, (), 0, 1, logging.getLogger("test"))
+    data_ = build_data(args, (), 0, 1, logging.getLogger("test"))
+    ds, records = data_.dataset, data_.records
     everyone, _ = load_checked_records(str(data.index))
     held = {r.person_id for r in ds.held_out}
     assert len(held) == 3 and not held & {r.person_id for r in records}

@@ -22,7 +22,17 @@ from types import SimpleNamespace
 
 from faceid.train import config
 from faceid.train.config import TrainHooks
-from faceid.train.steps import Run, Schedule, forward_backward, optimizer_step, skip_update, step_scalars
+from faceid.train.steps import (
+    Run,
+    Schedule,
+    StepLogs,
+    forward_backward,
+    make_optimizer,
+    optimizer_step,
+    resume,
+    skip_update,
+    step_scalars,
+)
 
 # ---- defaults (edit here) -----------------------------------------------------------------------------------
 MODEL_NAME = config.MODEL_NAME
@@ -225,49 +235,6 @@ def check_args(args) -> None:
         resolve_resume(args.output_dir, args.resume_from_checkpoint)  # fails before the models load
 
 
-def make_optimizer(args, params, accum: int, world: int, max_steps: int):
-    """AdamW (or bitsandbytes' 8-bit AdamW) and the learning-rate schedule."""
-    import torch
-    from diffusers.optimization import get_scheduler
-
-    from faceid.train.errors import TrainingInputError
-
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= accum * args.train_batch_size * world
-    opt_cls = torch.optim.AdamW
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise TrainingInputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from exc
-        opt_cls = bnb.optim.AdamW8bit
-    optimizer = opt_cls(
-        params,
-        lr=lr,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    # accelerate steps a prepared scheduler once per process: count steps × processes.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * world,
-        num_training_steps=max_steps * world,
-    )
-    return optimizer, lr_scheduler
-
-
-def log_validation(parts, model, items, prompts, args, step, accelerator):
-    """Generate one image per (face, prompt) with the InstantID pipeline and the weights being trained; save the
-    grid to ``OUTPUT/validation/step-N.png`` and send it to the trackers. Returns the grid's path."""
-    import torch
-
-    with torch.no_grad():
-        return _log_validation(parts, model, items, prompts, args, step, accelerator)
-
-
 def validation_pipeline(parts, model):
     """The InstantID pipeline around the weights being trained (no copies)."""
     from diffusers import EulerDiscreteScheduler
@@ -290,60 +257,43 @@ def validation_pipeline(parts, model):
     return pipe
 
 
-def monitor_generate(parts, model, args, accelerator, requests):
-    """Identity validation's images (faceid/train/monitor.py): one per (embedding, keypoint image, prompt, seed)."""
+def validation_images(parts, model, accelerator, requests) -> list:
+    """The images of ``requests`` (:func:`faceid.train.monitor.validation_request`) through the one generation
+    path (:func:`faceid.generation.request.generate`), with the weights being trained."""
     import torch
+
+    from faceid.generation.request import generate
 
     was_training = [m.training for m in (model.controlnet, model.image_proj)]
     model.eval()
     pipe, images = validation_pipeline(parts, model), []
-    with torch.no_grad():
-        for emb, kps, prompt, seed in requests:
-            g = torch.Generator(device=accelerator.device).manual_seed(seed)
-            with accelerator.autocast():
-                images.append(pipe(prompt, image_embeds=emb, image=kps, height=kps.size[1], width=kps.size[0],
-                                   num_inference_steps=args.validation_steps_count,
-                                   guidance_scale=args.validation_guidance_scale, generator=g).images[0])  # fmt: skip
+    with torch.no_grad(), accelerator.autocast():
+        for request in requests:
+            images += generate(pipe, request)
     model.controlnet.train(was_training[0])
     model.image_proj.train(was_training[1])
     return images
 
 
-def _log_validation(parts, model, items, prompts, args, step, accelerator):
+def log_validation(parts, model, items, prompts, args, step, accelerator):
+    """Generate one image per (face, prompt) with the weights being trained; save the grid to
+    ``OUTPUT/validation/step-N.png`` and send it to the trackers. Returns the grid's path."""
     import numpy as np
-    import torch
     from PIL import Image
 
-    was_training = [m.training for m in (model.controlnet, model.image_proj)]
-    model.eval()
-    pipe = validation_pipeline(parts, model)
-    rows = []
-    for emb, kps in items:
-        row = []
-        for prompt in prompts:
-            # The same seed every time: grids of successive steps differ only by the weights.
-            g = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-            with accelerator.autocast():
-                img = pipe(
-                    prompt,
-                    image_embeds=emb,
-                    image=kps,
-                    height=kps.size[1],
-                    width=kps.size[0],
-                    num_inference_steps=args.validation_steps_count,
-                    guidance_scale=args.validation_guidance_scale,
-                    generator=g,
-                ).images[0]
-            row.append(img)
-        rows.append(row)
-    del pipe
-    model.controlnet.train(was_training[0])
-    model.image_proj.train(was_training[1])
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)))
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            grid.paste(img, (c * w, r * h))
+    from faceid.train.monitor import validation_request
+
+    # The same seed every time: grids of successive steps differ only by the weights.
+    requests = [
+        validation_request(args, emb, kps, size, prompt, args.seed or 0)
+        for emb, kps, size in items
+        for prompt in prompts
+    ]
+    images = validation_images(parts, model, accelerator, requests)
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * len(prompts), h * len(items)))
+    for k, img in enumerate(images):
+        grid.paste(img, ((k % len(prompts)) * w, (k // len(prompts)) * h))
     out = os.path.join(args.output_dir, "validation", f"step-{step:07d}.png")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     grid.save(out)
@@ -365,7 +315,7 @@ def main(args, hooks: TrainHooks | None = None):
     import faceid.train.model as training
     from faceid.train import checkpoints as ckpt
     from faceid.train.ema import EMA
-    from faceid.train.monitor import TrainingMonitor
+    from faceid.train.monitor import TrainingMonitor, validation_request
 
     hooks = hooks or TrainHooks()
     check_args(args)
@@ -425,7 +375,7 @@ def main(args, hooks: TrainHooks | None = None):
         monitor = TrainingMonitor(
             args, parts, unwrapped, data.records, getattr(data.dataset, "held_out", []), weight_dtype,
             accelerator.device, logs_out.scalars,
-            lambda reqs: monitor_generate(parts, unwrapped, args, accelerator, reqs), log, accelerator.autocast,
+            lambda reqs: validation_images(parts, unwrapped, accelerator, [validation_request(args, *r) for r in reqs]), log, accelerator.autocast,
         )  # fmt: skip
         if global_step == 0:
             monitor.at_step(0)  # the start values (a resumed run reads them from train_log.jsonl)
@@ -587,58 +537,6 @@ def validation_setup(args, accelerator, records, log):
         else:
             log.warning("validation uses faces from an index; with --train_shards it is skipped")
     return val_items, val_prompts
-
-
-def resume(args, accelerator, log, batches_per_epoch: int, accum: int, world: int, model, ema=None) -> int:
-    """Load the checkpoint ``--resume_from_checkpoint`` names (if any) and return its global step."""
-    from faceid.train import checkpoints as ckpt
-
-    path = ckpt.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint and path is None:
-        log.info(f"No complete checkpoint in {args.output_dir}; starting a new run")
-    if path is None:
-        return 0
-    log.info(f"Resuming from {path}")
-    accelerator.load_state(str(path))
-    if ema is not None and not ema.load(path):
-        log.warning(f"{path} holds no EMA: the average starts from the resumed weights")
-        ema.reset(model)
-    state = ckpt.read_state(path)
-    now = {"batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accum, "world_size": world}
-    changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) not in (None, v)}
-    if changed:
-        log.warning(f"resuming with a different setup {changed}: the data order will not continue exactly")
-    return int(state["global_step"])
-
-
-class StepLogs:
-    """``train_log.jsonl`` + trackers (main process) and ``samples/rank-R.jsonl`` (each process)."""
-
-    def __init__(self, args, rank: int, accelerator):
-        self.accelerator = accelerator
-        self.train_log = os.path.join(args.output_dir, "train_log.jsonl")
-        self.sample_log = (
-            os.path.join(args.output_dir, "samples", f"rank-{rank}.jsonl") if args.log_samples else None
-        )
-        self.rank = rank
-        if self.sample_log:
-            os.makedirs(os.path.dirname(self.sample_log), exist_ok=True)
-
-    def samples(self, step: int, losses, batches) -> None:
-        if not self.sample_log:
-            return
-        import torch
-
-        local = None if losses is None else float(torch.stack(losses).mean())
-        entry = {"step": step, "rank": self.rank, "loss": local, "batches": batches}
-        with open(self.sample_log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-
-    def scalars(self, step: int, logs: dict) -> None:
-        self.accelerator.log(logs, step=step)
-        if self.accelerator.is_main_process:
-            with open(self.train_log, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **logs}) + "\n")
 
 
 if __name__ == "__main__":

@@ -308,16 +308,13 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
 
 
 def validation_items(records, resolution: int, count: int):
-    """(embedding, keypoint image) for the first ``count`` records, centre-cropped to ``resolution``."""
+    """(embedding, keypoints, size) for the first ``count`` records, centre-cropped to ``resolution`` as training
+    crops them (:func:`faceid.train.monitor.validation_request` turns them into requests)."""
     from faceid.train.records import load_embedding
-    from faceid.train.transforms import kps_image, plan_crop, transform_kps
+    from faceid.train.transforms import plan_crop, transform_kps
 
     out = []
     for rec in records[:count]:
         plan = plan_crop(rec.width, rec.height, (resolution, resolution))
-        from PIL import Image
-
-        out.append(
-            (load_embedding(rec.embedding), Image.fromarray(kps_image(transform_kps(rec.kps, plan), plan)))
-        )
+        out.append((load_embedding(rec.embedding), transform_kps(rec.kps, plan), plan.target))
     return out

@@ -94,14 +94,30 @@ def group_persons(records, max_persons: int | None = None) -> list[Person]:
 
 
 def _kps_condition(rec, resolution: int):
-    """(keypoint image PIL, keypoints in its pixels) for a record, centre-cropped like training."""
-    from PIL import Image
-
-    from faceid.train.transforms import kps_image, plan_crop, transform_kps
+    """(keypoints, (W, H)) for a record, centre-cropped like training."""
+    from faceid.train.transforms import plan_crop, transform_kps
 
     plan = plan_crop(rec.width, rec.height, (resolution, resolution))
-    kps = transform_kps(rec.kps, plan)
-    return Image.fromarray(kps_image(kps, plan)), np.asarray(kps, np.float32)
+    return np.asarray(transform_kps(rec.kps, plan), np.float32), tuple(plan.target)
+
+
+def validation_request(args, embedding, kps, size, prompt: str, seed: int):
+    """What validation generates (the grid and identity validation alike), as a request for the one generation
+    path: the weights as training uses them (IP scale 1), the trainer's validation steps and guidance, and no
+    negative prompt (SDXL's zero embeddings, the unconditional input training drops captions to)."""
+    from faceid.generation.request import GenerationRequest
+
+    return GenerationRequest(
+        prompt=prompt,
+        embeds=embedding,
+        kps=np.asarray(kps, np.float32),
+        size=(int(size[0]), int(size[1])),
+        negative_prompt=None,
+        steps=args.validation_steps_count,
+        guidance_scale=args.validation_guidance_scale,
+        ip_adapter_scale=1.0,
+        seed=int(seed),
+    )
 
 
 class IdentityValidation:
@@ -119,10 +135,10 @@ class IdentityValidation:
         self.persons, self.analyzer, self.clip, self.seed = persons, analyzer, clip, seed
         self.requests, self.kps = [], []
         for k, p in enumerate(persons):
-            cond, kps = _kps_condition(p.reference, resolution)
+            kps, size = _kps_condition(p.reference, resolution)
             caption = prompt or p.reference.caption or "a photo of a person"
             # Fixed seeds: successive validations differ only by the weights.
-            self.requests.append((load_embedding(p.reference.embedding), cond, caption, seed + k))
+            self.requests.append((load_embedding(p.reference.embedding), kps, size, caption, seed + k))
             self.kps.append(kps)
         # The photos are embedded by the same recognizer as the generations (the index's may come from another).
         self.photo_emb = {}
@@ -132,7 +148,7 @@ class IdentityValidation:
                 self.photo_emb[r.key] = (
                     np.asarray(face.embedding) if face else np.asarray(load_embedding(r.embedding))
                 )
-        self.text_emb = clip.text_embeds([q[2] for q in self.requests]) if clip is not None else None
+        self.text_emb = clip.text_embeds([q[3] for q in self.requests]) if clip is not None else None
 
     def _embed(self, image, kps) -> tuple[np.ndarray, bool]:
         """The recognizer's embedding of the face found in a generated image; where none is found, of the crop at
@@ -146,7 +162,7 @@ class IdentityValidation:
         return self.analyzer.embed_crops([crop])[0], False
 
     def run(self, generate) -> tuple[dict, list]:
-        """``generate(requests) -> PIL images`` (requests: (embedding, keypoint image, prompt, seed)) → (scalars, images)."""
+        """``generate(requests) -> PIL images`` (requests: (embedding, keypoints, size, prompt, seed), :func:`validation_request`'s arguments) → (scalars, images)."""
         t0 = time.perf_counter()
         images = generate(self.requests)
         rows, found = [], []

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -163,3 +165,89 @@ def step_scalars(run: Run, step: StepResult, grad_norm) -> dict:
         if c > 0:
             logs["id_loss"] = float(s / c)
     return logs
+
+
+def make_optimizer(args, params, accum: int, world: int, max_steps: int):
+    """AdamW (or bitsandbytes' 8-bit AdamW) and the learning-rate schedule."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from faceid.train.errors import TrainingInputError
+
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= accum * args.train_batch_size * world
+    opt_cls = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise TrainingInputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from exc
+        opt_cls = bnb.optim.AdamW8bit
+    optimizer = opt_cls(
+        params,
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    # accelerate steps a prepared scheduler once per process: count steps × processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * world,
+        num_training_steps=max_steps * world,
+    )
+    return optimizer, lr_scheduler
+
+
+def resume(args, accelerator, log, batches_per_epoch: int, accum: int, world: int, model, ema=None) -> int:
+    """Load the checkpoint ``--resume_from_checkpoint`` names (if any) and return its global step."""
+    from faceid.train import checkpoints as ckpt
+
+    path = ckpt.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and path is None:
+        log.info(f"No complete checkpoint in {args.output_dir}; starting a new run")
+    if path is None:
+        return 0
+    log.info(f"Resuming from {path}")
+    accelerator.load_state(str(path))
+    if ema is not None and not ema.load(path):
+        log.warning(f"{path} holds no EMA: the average starts from the resumed weights")
+        ema.reset(model)
+    state = ckpt.read_state(path)
+    now = {"batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": accum, "world_size": world}
+    changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) not in (None, v)}
+    if changed:
+        log.warning(f"resuming with a different setup {changed}: the data order will not continue exactly")
+    return int(state["global_step"])
+
+
+class StepLogs:
+    """``train_log.jsonl`` + trackers (main process) and ``samples/rank-R.jsonl`` (each process)."""
+
+    def __init__(self, args, rank: int, accelerator):
+        self.accelerator = accelerator
+        self.train_log = os.path.join(args.output_dir, "train_log.jsonl")
+        self.sample_log = (
+            os.path.join(args.output_dir, "samples", f"rank-{rank}.jsonl") if args.log_samples else None
+        )
+        self.rank = rank
+        if self.sample_log:
+            os.makedirs(os.path.dirname(self.sample_log), exist_ok=True)
+
+    def samples(self, step: int, losses, batches) -> None:
+        if not self.sample_log:
+            return
+        import torch
+
+        local = None if losses is None else float(torch.stack(losses).mean())
+        entry = {"step": step, "rank": self.rank, "loss": local, "batches": batches}
+        with open(self.sample_log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def scalars(self, step: int, logs: dict) -> None:
+        self.accelerator.log(logs, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.train_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")

@@ -188,3 +188,10 @@ def people_kps_image(size, bboxes, kps=None) -> Image.Image:
         np.asarray(draw_kps(size, k if k is not None else kps_from_bbox(b))) for b, k in zip(bboxes, kps)
     ]
     return Image.fromarray(np.maximum.reduce(drawn))
+
+
+def condition_kps_image(size, kps, people=()) -> Image.Image:
+    """The keypoint picture a generation is conditioned on: every person's with several people, else ``kps``."""
+    if len(people) > 1:
+        return people_kps_image(size, [p["bbox"] for p in people], [p["kps"] for p in people])
+    return draw_kps(size, kps)

@@ -17,8 +17,8 @@ from PIL import Image
 
 from faceid.face.face_info import FaceInfoError, load_face_info
 from faceid.face.images import MAX_PIXELS, ImageLoadError, load_image, to_bgr
-from faceid.face.kps import draw_kps, fit_size, scale_kps
-from faceid.generation.composition import people_from_detections, people_kps_image, side_by_side_boxes
+from faceid.face.kps import fit_size, scale_kps
+from faceid.generation.composition import condition_kps_image, people_from_detections, side_by_side_boxes
 
 
 class FaceInputError(ValueError):
@@ -48,11 +48,7 @@ class FaceCondition:
 
     @property
     def kps_image(self) -> Image.Image:
-        if self.mode == "people":
-            return people_kps_image(
-                self.size, [p["bbox"] for p in self.people], [p["kps"] for p in self.people]
-            )
-        return draw_kps(self.size, self.kps)
+        return condition_kps_image(self.size, self.kps, self.people if self.mode == "people" else ())
 
     def face_mask(self) -> Image.Image | None:
         """White inside the face box, black elsewhere (the official demo's "enhance non-face region": IdentityNet

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from faceid.generation import defaults as D
-from faceid.generation.composition import face_detail, face_inpaint, people_inputs, people_kps_image
+from faceid.generation.composition import condition_kps_image, face_detail, face_inpaint, people_inputs
 from faceid.generation.schedulers import set_scheduler
 
 
@@ -67,13 +67,7 @@ class GenerationRequest:
     @property
     def kps_image(self) -> Image.Image:
         """The keypoints the request is generated with (every person's with several people)."""
-        if self.mode == "people":
-            return people_kps_image(
-                self.size, [p["bbox"] for p in self.people], [p["kps"] for p in self.people]
-            )
-        from faceid.face.kps import draw_kps
-
-        return draw_kps(self.size, self.kps)
+        return condition_kps_image(self.size, self.kps, self.people if self.mode == "people" else ())
 
     def steps_per_image(self) -> int:
         """Denoising steps one image takes (for progress bars): strength shortens the schedule."""

@@ -45,10 +45,23 @@ def parse_args(argv=None):
 
 
 def _index_builder():
-    """get_face_info.py's dataset mode, run in process on the downloaded dataset."""
-    import get_face_info
+    """get_face_info.py's dataset mode on the downloaded dataset, run as its own process (scripts never import
+    each other); a failure names the command, which resumes where it stopped when run again."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    return lambda argv: get_face_info.main(get_face_info.parse_args(argv))
+    from faceid.errors import InputError
+
+    script = Path(__file__).resolve().parent / "get_face_info.py"
+
+    def build(argv: list[str]) -> None:
+        code = subprocess.run([sys.executable, str(script), *argv]).returncode
+        if code:
+            raise InputError(f"building the index failed (exit {code}); resume it with: python {script.name} "
+                             + " ".join(argv))  # fmt: skip
+
+    return build
 
 
 def main(args):

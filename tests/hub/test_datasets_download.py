@@ -266,16 +266,19 @@ def test_chained_parts_reads_across_boundaries(tmp_path):
 
 
 def test_build_index_hook_calls_get_face_info(hub, tmp_path, monkeypatch):
+    import subprocess
     import sys
-    import types
 
     import download
 
     seen = []
-    fake = types.ModuleType("get_face_info")
-    fake.parse_args = lambda argv: argv
-    fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "get_face_info", fake)
+
+    def fake_run(cmd, *a, **k):  # the script a user would run, by this interpreter
+        assert cmd[0] == sys.executable and cmd[1].endswith("get_face_info.py")
+        seen.append(cmd[2:])
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
     out = tmp_path / "out"
     download.main(download.parse_args(["--dataset", "faceid6m", "--out", str(out), "--build_index"]))
     assert seen == [["--input", str(out / "data"), "--output", str(out / "index"), "--faceid6m_filters"]]

@@ -235,6 +235,27 @@ def check_args(args) -> None:
         resolve_resume(args.output_dir, args.resume_from_checkpoint)  # fails before the models load
 
 
+def validation_request(args, embedding, kps, size, prompt: str, seed: int):
+    """What validation generates (the grid and identity validation alike), as a request for the one generation
+    path: the weights as training uses them (IP scale 1), the trainer's validation steps and guidance, and no
+    negative prompt (SDXL's zero embeddings, the unconditional input training drops captions to)."""
+    import numpy as np
+
+    from faceid.generation.request import GenerationRequest
+
+    return GenerationRequest(
+        prompt=prompt,
+        embeds=embedding,
+        kps=np.asarray(kps, np.float32),
+        size=(int(size[0]), int(size[1])),
+        negative_prompt=None,
+        steps=args.validation_steps_count,
+        guidance_scale=args.validation_guidance_scale,
+        ip_adapter_scale=1.0,
+        seed=int(seed),
+    )
+
+
 def validation_pipeline(parts, model):
     """The InstantID pipeline around the weights being trained (no copies)."""
     from diffusers import EulerDiscreteScheduler
@@ -258,7 +279,7 @@ def validation_pipeline(parts, model):
 
 
 def validation_images(parts, model, accelerator, requests) -> list:
-    """The images of ``requests`` (:func:`faceid.train.monitor.validation_request`) through the one generation
+    """The images of ``requests`` (:func:`validation_request`) through the one generation
     path (:func:`faceid.generation.request.generate`), with the weights being trained."""
     import torch
 
@@ -280,8 +301,6 @@ def log_validation(parts, model, items, prompts, args, step, accelerator):
     ``OUTPUT/validation/step-N.png`` and send it to the trackers. Returns the grid's path."""
     import numpy as np
     from PIL import Image
-
-    from faceid.train.monitor import validation_request
 
     # The same seed every time: grids of successive steps differ only by the weights.
     requests = [
@@ -315,7 +334,7 @@ def main(args, hooks: TrainHooks | None = None):
     import faceid.train.model as training
     from faceid.train import checkpoints as ckpt
     from faceid.train.ema import EMA
-    from faceid.train.monitor import TrainingMonitor, validation_request
+    from faceid.train.monitor import TrainingMonitor
 
     hooks = hooks or TrainHooks()
     check_args(args)
@@ -375,7 +394,8 @@ def main(args, hooks: TrainHooks | None = None):
         monitor = TrainingMonitor(
             args, parts, unwrapped, data.records, getattr(data.dataset, "held_out", []), weight_dtype,
             accelerator.device, logs_out.scalars,
-            lambda reqs: validation_images(parts, unwrapped, accelerator, [validation_request(args, *r) for r in reqs]), log, accelerator.autocast,
+            lambda reqs: validation_images(parts, unwrapped, accelerator, [validation_request(args, *r) for r in reqs]),
+            log, accelerator.autocast,
         )  # fmt: skip
         if global_step == 0:
             monitor.at_step(0)  # the start values (a resumed run reads them from train_log.jsonl)

@@ -309,7 +309,7 @@ def compute_loss(batch, parts, args, generator, weight_dtype, cache: CondCache |
 
 def validation_items(records, resolution: int, count: int):
     """(embedding, keypoints, size) for the first ``count`` records, centre-cropped to ``resolution`` as training
-    crops them (:func:`faceid.train.monitor.validation_request` turns them into requests)."""
+    crops them (the trainer's ``validation_request`` turns them into requests)."""
     from faceid.train.records import load_embedding
     from faceid.train.transforms import plan_crop, transform_kps
 

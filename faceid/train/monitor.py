@@ -101,25 +101,6 @@ def _kps_condition(rec, resolution: int):
     return np.asarray(transform_kps(rec.kps, plan), np.float32), tuple(plan.target)
 
 
-def validation_request(args, embedding, kps, size, prompt: str, seed: int):
-    """What validation generates (the grid and identity validation alike), as a request for the one generation
-    path: the weights as training uses them (IP scale 1), the trainer's validation steps and guidance, and no
-    negative prompt (SDXL's zero embeddings, the unconditional input training drops captions to)."""
-    from faceid.generation.request import GenerationRequest
-
-    return GenerationRequest(
-        prompt=prompt,
-        embeds=embedding,
-        kps=np.asarray(kps, np.float32),
-        size=(int(size[0]), int(size[1])),
-        negative_prompt=None,
-        steps=args.validation_steps_count,
-        guidance_scale=args.validation_guidance_scale,
-        ip_adapter_scale=1.0,
-        seed=int(seed),
-    )
-
-
 class IdentityValidation:
     """Scores generations of the held-out persons (see the module doc). ``analyzer``: a
     :class:`faceid.face.analysis.FaceAnalyzer`; ``clip``: a :class:`faceid.eval.metrics.ClipScorer` or None."""
@@ -162,7 +143,8 @@ class IdentityValidation:
         return self.analyzer.embed_crops([crop])[0], False
 
     def run(self, generate) -> tuple[dict, list]:
-        """``generate(requests) -> PIL images`` (requests: (embedding, keypoints, size, prompt, seed), :func:`validation_request`'s arguments) → (scalars, images)."""
+        """``generate(requests) -> PIL images`` → (scalars, images). A request is (embedding, keypoints, size,
+        prompt, seed): the trainer's ``validation_request`` arguments."""
         t0 = time.perf_counter()
         images = generate(self.requests)
         rows, found = [], []

@@ -65,7 +65,8 @@ def split_persons(records, count: int, seed: int = 0):
     if len(eligible) < max(count, 2) or len(eligible) == len(groups) == count:
         raise TrainingInputError(
             f"--validation_persons {count}: the index has {len(eligible)} persons with two or more photos "
-            f"(person_id); hold out fewer persons, give --validation_index, or add person ids"
+            f"(person_id); hold out fewer persons, give --validation_index, add person ids (mine_identities.py), or "
+            f"turn it off with --validation_persons 0 (the launcher's VALIDATION_PERSONS=0)"
         )
     held = set(eligible[:count])
     return [r for r in records if str(r.person_id) not in held], [

@@ -8,11 +8,16 @@
     # generate the protocol grid with each checkpoint, then evaluate and compare
     python evaluate.py --protocol configs/eval_protocol.json --checkpoint base=checkpoints --checkpoint ft=runs/x/ckpt \
         --faces_dir examples/eval_faces --out outputs/eval/protocol
+    # editability: persons with several photos, prompts that ask for a change; identity vs copy-paste, attribute
+    # following, head-angle change, checkpoints side by side (docs/evaluation.md)
+    python evaluate.py --protocol configs/editability_protocol.json --persons data/index.jsonl --holdout_persons 20 \
+        --holdout_seed 42 --checkpoint same=runs/same/ckpt --checkpoint cross=runs/cross/ckpt --out outputs/eval/edit
 
 Writes per_image.csv, summary.json (mean, std, count per metric; no-face count and rate) and summary.md. Use
 --face_root/--face_model_name to score Face Sim with a recognizer other than the conditioning one (antelopev2):
 scoring with the model that conditioned the generation is biased upward. The logic is in faceid/eval/scoring.py,
-faceid/eval/metrics.py and faceid/eval/grid.py.
+faceid/eval/metrics.py, faceid/eval/grid.py and faceid/eval/editability.py (writes editability.csv / .json / .md /
+.png).
 """
 
 from __future__ import annotations
@@ -94,6 +99,22 @@ def parse_args(argv=None):
     g.add_argument("--max_prompts", type=int, default=None)
     g.add_argument("--max_seeds", type=int, default=None)
     g.add_argument("--generate_only", action="store_true")
+    g = p.add_argument_group("editability protocol (configs/editability_protocol.json)")
+    g.add_argument(
+        "--persons",
+        default=None,
+        help="a folder with one sub-folder of photos per person, or an index with person_id (any training format)",
+    )
+    g.add_argument(
+        "--holdout_persons",
+        type=int,
+        default=0,
+        help="evaluate the N persons held out of the index (training's --validation_persons N picks the same)",
+    )
+    g.add_argument("--holdout_seed", type=int, default=0, help="the seed of that choice (training's --seed)")
+    g.add_argument(
+        "--data_format", default="auto", help="the --persons index format (train_instantId_sdxl.py's)"
+    )
     return p.parse_args(argv)
 
 
@@ -133,6 +154,68 @@ def _scorers(args, evaluation):
     )
 
 
+def _tiny(args):
+    if not args.tiny:
+        return None
+    from faceid.tiny.models import build_tiny, tiny_paths
+
+    build_tiny(args.tiny)
+    return tiny_paths(args.tiny)
+
+
+def main_editability(args, evaluation):
+    """Generate the editability grid with each checkpoint on the persons' reference photos, then score identity,
+    copy-paste, attribute following and head-angle change (faceid/eval/editability.py)."""
+    from faceid.eval import editability
+    from faceid.eval import grid as protocol
+
+    proto = editability.load_protocol(args.protocol)
+    if not args.persons:
+        raise SystemExit(
+            "the editability protocol needs --persons: a folder with one sub-folder of photos per person, or an "
+            "index with person_id (CrossFaceID, mine_identities.py's output)"
+        )
+    persons = editability.load_persons(
+        args.persons, args.holdout_persons, args.holdout_seed, args.max_identities, args.data_format
+    )
+    print(f"[evaluate] {len(persons)} persons, {sum(len(p.others) for p in persons)} other photos")
+    grid = editability.grid_protocol(proto, persons)
+    grids = protocol.generate_from_args(args, grid_generator(), tiny=_tiny(args), proto=grid)
+    if args.generate_only:
+        return grids
+    clip, face = _load_scorers(args, evaluation)
+    faces = editability.FaceCache(face.analyzer) if face is not None else None
+    meta = {
+        "protocol": proto.get("name"),
+        "persons": os.fspath(args.persons),
+        "holdout_persons": args.holdout_persons,
+        "holdout_seed": args.holdout_seed,
+        "clip_model": None if args.no_clip else args.clip_model,
+        "face_root": None if args.no_face_sim else args.face_root,
+        "face_model_name": args.face_model_name,
+        "grids": grids,
+    }
+    summaries = editability.evaluate_grids(
+        grids, persons, proto, args.out, faces, clip, args.batch_size, meta
+    )
+    print(editability.markdown(summaries))
+    return summaries
+
+
+def _load_scorers(args, evaluation):
+    try:
+        return _scorers(args, evaluation)
+    except OSError as exc:
+        from faceid.hub.client import HubError
+
+        if isinstance(exc, (FileNotFoundError, HubError)):  # their messages say what to do
+            raise
+        raise SystemExit(
+            f"cannot load the CLIP model {args.clip_model!r} ({str(exc).splitlines()[0]}): download it once with "
+            "network access, pass --clip_model LOCAL_DIR, or --no_clip to skip CLIP-T/CLIP-I"
+        ) from None
+
+
 def main(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from faceid.eval import scoring as evaluation
@@ -145,15 +228,18 @@ def main(args):
 
     inputs = _named(args.inputs)
     if args.protocol:
+        from faceid.eval import editability
         from faceid.eval import grid as protocol
 
-        tiny = None
-        if args.tiny:
-            from faceid.tiny.models import build_tiny, tiny_paths
-
-            build_tiny(args.tiny)
-            tiny = tiny_paths(args.tiny)
-        inputs.update(protocol.generate_from_args(args, grid_generator(), tiny=tiny))
+        if not os.path.isfile(args.protocol):
+            raise SystemExit(f"protocol not found: {args.protocol} (e.g. configs/eval_protocol.json)")
+        if editability.is_editability(args.protocol):
+            return main_editability(args, evaluation)
+        if args.persons or args.holdout_persons:
+            raise SystemExit(
+                f"--persons and --holdout_persons need an editability protocol, not {args.protocol}"
+            )
+        inputs.update(protocol.generate_from_args(args, grid_generator(), tiny=_tiny(args)))
         if args.generate_only:
             return inputs
     if not inputs:
@@ -164,17 +250,7 @@ def main(args):
             f"not found: {', '.join(missing)} (give settings.json files of infer_from_pkl.py, or folders)"
         )
 
-    try:
-        clip, face = _scorers(args, evaluation)
-    except OSError as exc:
-        from faceid.hub.client import HubError
-
-        if isinstance(exc, (FileNotFoundError, HubError)):  # their messages say what to do
-            raise
-        raise SystemExit(
-            f"cannot load the CLIP model {args.clip_model!r} ({str(exc).splitlines()[0]}): download it once with "
-            "network access, pass --clip_model LOCAL_DIR, or --no_clip to skip CLIP-T/CLIP-I"
-        ) from None
+    clip, face = _load_scorers(args, evaluation)
     meta = {
         "clip_model": None if args.no_clip else args.clip_model,
         "face_root": None if args.no_face_sim else args.face_root,

@@ -79,6 +79,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="references with the largest head-angle change first",
     )
     q.add_argument("--num_threads", type=int, default=4, help="image hashing threads")
+    q.add_argument(
+        "--holdout_persons",
+        type=int,
+        default=0,
+        help="write N persons (2+ photos) to OUTPUT_heldout.jsonl instead of OUTPUT, for evaluation on people "
+        "training never saw (evaluate.py --persons OUTPUT_heldout.jsonl)",
+    )
+    q.add_argument("--holdout_seed", type=int, default=0, help="which persons --holdout_persons picks")
     r = p.add_argument_group("report")
     r.add_argument("--report_dir", help="default: OUTPUT_DIR/<output stem>_report")
     r.add_argument("--contact_persons", type=int, default=CONTACT_PERSONS)
@@ -193,6 +201,17 @@ def main(args) -> int:
     # 4. the new index (atomic), same line order; lines not mined are copied unchanged
     written = mined_lines(args, index, out_dir, rows, labels, given, res, pr, cluster_name)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.holdout_persons:  # whole persons, chosen as training's --validation_persons chooses them
+        from faceid.train.records import split_index_lines
+
+        try:
+            written, held = split_index_lines(written, args.holdout_persons, args.holdout_seed)
+        except ValueError as exc:
+            return fail(f"--holdout_persons {args.holdout_persons}: {exc}; hold out fewer")
+        io.write_index(out.with_name(f"{out.stem}_heldout.jsonl"), held)
+        print(
+            f"[mine_identities] {args.holdout_persons} persons ({len(held)} photos) held out: {out.stem}_heldout.jsonl"
+        )
     io.write_index(out, written)
 
     # 5. report

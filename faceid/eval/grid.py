@@ -222,11 +222,12 @@ def generate_grid(
     return out
 
 
-def generate_from_args(args, generate, tiny: dict | None = None) -> dict[str, str]:
+def generate_from_args(args, generate, tiny: dict | None = None, proto: dict | None = None) -> dict[str, str]:
     """evaluate.py ``--protocol`` glue: generate the grid for every ``--checkpoint NAME=DIR`` with
     ``generate(argv)``; returns ``{name: merged settings JSON}``. ``tiny``: the paths of a built tiny layout
-    (``faceid.tiny.models.tiny_paths``, for ``--tiny``), the defaults for models and checkpoint."""
-    proto = load_protocol(args.protocol, args.faces_dir)
+    (``faceid.tiny.models.tiny_paths``, for ``--tiny``), the defaults for models and checkpoint. ``proto``: the
+    protocol with its identities resolved (default: read ``args.protocol``)."""
+    proto = proto or load_protocol(args.protocol, args.faces_dir)
     gen = dict(proto.get("generation", {}))
     base_model, controlnet, face_root = args.base_model, args.controlnet, None
     checkpoints = list(args.checkpoint)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from faceid.face.kps import head_pose, head_poses  # noqa: F401  (mine_identities.py and tests use them here)
+
 DEFAULT_NEAR_DUP_COS = 0.95
 DEFAULT_HASH_MAX_DIST = 4  # of 64 bits
 DEFAULT_MIN_PAIR_COS = 0.3  # ArcFace's verification threshold on LFW is ~0.28-0.32 (docs/mining.md)
@@ -116,38 +118,6 @@ def hash_images(
             if err:
                 errors.append((n, err))
     return out, errors
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Head angle from the 5 keypoints
-
-
-def head_pose(kps) -> tuple[float, float]:
-    """``(yaw, roll)`` in degrees, estimated from eyes, nose and mouth corners (insightface order): roll is the
-    eye line's angle; yaw from how far the nose sits from the eyes' and mouth's mid-line, relative to half the eye
-    distance (0 frontal, ±90 profile; a coarse estimate, enough to rank changes of angle)."""
-    k = np.asarray(kps, dtype=np.float64).reshape(5, 2)
-    le, re_, nose, lm, rm = k
-    d = re_ - le
-    roll = math.degrees(math.atan2(d[1], d[0]))
-    c, s = math.cos(-math.radians(roll)), math.sin(-math.radians(roll))
-    rot = np.array([[c, -s], [s, c]])
-    p = (k - le) @ rot.T
-    half = max(abs(p[1, 0]) / 2.0, 1e-6)
-    mid = (p[0, 0] + p[1, 0] + p[3, 0] + p[4, 0]) / 4.0
-    yaw = math.degrees(math.asin(float(np.clip((p[2, 0] - mid) / half, -1.0, 1.0))))
-    return yaw, roll
-
-
-def head_poses(kps_list) -> np.ndarray:
-    """``[n, 2]`` yaw/roll; nan rows where keypoints are missing or malformed."""
-    out = np.full((len(kps_list), 2), np.nan)
-    for n, k in enumerate(kps_list):
-        try:
-            out[n] = head_pose(k)
-        except (TypeError, ValueError):
-            pass
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

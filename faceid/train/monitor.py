@@ -1,6 +1,7 @@
 """Training that reports identity while it runs (docs/training.md, "Monitoring identity and collapse").
 
-* :func:`split_persons`: a validation set of persons held out of training, taken from the index deterministically.
+* :func:`split_persons` (in :mod:`faceid.train.records`): a validation set of persons held out of training, taken
+  from the index deterministically.
 * :class:`IdentityValidation`: at each ``--validation_steps``, one image per held-out person generated with fixed
   seeds from the person's reference photo, scored by the face recognizer against the person's *other* photos and
   other persons (:mod:`faceid.eval.identity`: same, different, margin, copy-paste) and CLIP-T when a CLIP model is
@@ -25,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from faceid.eval.identity import identity_scores, mean_scores
+from faceid.train.records import split_persons  # noqa: F401  (its old home: faceid/train/config.py imports it here)
 
 logger = logging.getLogger(__name__)
 
@@ -44,34 +46,6 @@ COLLAPSE_REMEDIES = (
 
 
 # ------------------------------------------------------------------------------------------------ the held-out set
-
-
-def split_persons(records, count: int, seed: int = 0):
-    """``(train, held_out)``: the photos of ``count`` persons with at least two photos (a reference and others),
-    chosen by a hash of (seed, person id), so the same index and seed always hold out the same persons."""
-    import zlib
-
-    from faceid.train.errors import TrainingInputError
-
-    if count <= 0:
-        return list(records), []
-    groups: dict[str, list] = {}
-    for r in records:
-        if r.person_id is not None:
-            groups.setdefault(str(r.person_id), []).append(r)
-    eligible = sorted(
-        (p for p, rs in groups.items() if len(rs) >= 2), key=lambda p: (zlib.crc32(f"{seed}:{p}".encode()), p)
-    )
-    if len(eligible) < max(count, 2) or len(eligible) == len(groups) == count:
-        raise TrainingInputError(
-            f"--validation_persons {count}: the index has {len(eligible)} persons with two or more photos "
-            f"(person_id); hold out fewer persons, give --validation_index, add person ids (mine_identities.py), or "
-            f"turn it off with --validation_persons 0 (the launcher's VALIDATION_PERSONS=0)"
-        )
-    held = set(eligible[:count])
-    return [r for r in records if str(r.person_id) not in held], [
-        r for r in records if str(r.person_id) in held
-    ]
 
 
 @dataclass

@@ -365,6 +365,54 @@ def load_checked_records(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Persons held out of training (validation during training, evaluation after it)
+
+
+def held_out_persons(person_ids, count: int, seed: int = 0) -> list[str]:
+    """The ``count`` persons to hold out, from the person id of every photo (``None``: no person): persons with
+    at least two photos (a reference and others), ordered by a hash of (seed, person id), so the same index and
+    seed always give the same persons whatever the line order. Raises ValueError when there are too few (at
+    least two eligible persons, and one person must stay for training)."""
+    import zlib
+
+    photos: dict[str, int] = {}
+    for p in person_ids:
+        if p is not None:
+            photos[str(p)] = photos.get(str(p), 0) + 1
+    eligible = sorted(
+        (p for p, n in photos.items() if n >= 2), key=lambda p: (zlib.crc32(f"{seed}:{p}".encode()), p)
+    )
+    if len(eligible) < max(count, 2) or len(eligible) == len(photos) == count:
+        raise ValueError(f"the index has {len(eligible)} persons with two or more photos (person_id)")
+    return eligible[:count]
+
+
+def split_index_lines(lines, count: int, seed: int = 0) -> tuple[list, list]:
+    """``(train, held_out)`` of an index's lines (dicts; other lines, e.g. raw strings, stay in train): the lines of
+    the :func:`held_out_persons` (``count``, ``seed``). ValueError when the index has too few persons."""
+    pid = [person_of(o) if isinstance(o, dict) else None for o in lines]
+    held = set(held_out_persons(pid, count, seed))
+    return [o for o, p in zip(lines, pid) if p not in held], [o for o, p in zip(lines, pid) if p in held]
+
+
+def split_persons(records, count: int, seed: int = 0):
+    """``(train, held_out)``: the photos of the :func:`held_out_persons` (``count``, ``seed``) of ``records``."""
+    if count <= 0:
+        return list(records), []
+    try:
+        held = set(held_out_persons((r.person_id for r in records), count, seed))
+    except ValueError as exc:
+        raise TrainingInputError(
+            f"--validation_persons {count}: {exc}; hold out fewer persons, give --validation_index, add person "
+            f"ids (mine_identities.py), or turn it off with --validation_persons 0 (the launcher's "
+            f"VALIDATION_PERSONS=0)"
+        ) from None
+    return [r for r in records if str(r.person_id) not in held], [
+        r for r in records if str(r.person_id) in held
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Deterministic randomness and cross-identity references
 
 

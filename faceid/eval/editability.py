@@ -227,7 +227,7 @@ def _zero_shot(clip, image_embeds: np.ndarray, pairs: Sequence[tuple[str, str]])
     texts with the model's logit scale."""
     texts = sorted({t for pair in pairs for t in pair})
     emb = dict(zip(texts, clip.text_embeds(texts)))
-    scale = float(clip.model.logit_scale.exp())
+    scale = float(clip.model.logit_scale.detach().exp())
     a = np.stack([emb[t] for t, _ in pairs])
     o = np.stack([emb[t] for _, t in pairs])
     logits = scale * np.stack([(image_embeds * a).sum(1), (image_embeds * o).sum(1)], 1)

@@ -169,7 +169,7 @@ def main_editability(args, evaluation):
     from faceid.eval import editability
     from faceid.eval import grid as protocol
 
-    proto = editability.load_protocol(args.protocol)
+    proto = editability.load_protocol(args.protocol, tiny=bool(args.tiny))
     if not args.persons:
         raise SystemExit(
             "the editability protocol needs --persons: a folder with one sub-folder of photos per person, or an "

@@ -165,13 +165,22 @@ def is_editability(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_protocol(path: str | os.PathLike) -> dict:
-    """Read and check an editability protocol; every prompt names its category, attribute and opposite."""
+def load_protocol(path: str | os.PathLike, tiny: bool = False) -> dict:
+    """Read and check an editability protocol; every prompt names its category, attribute and opposite. With
+    ``tiny``, the protocol's ``tiny_prompts`` (the miniature world's captions) replace its prompts, and
+    ``tiny_negative_prompt`` (default empty) its negative prompt."""
     path = Path(path)
     try:
         proto = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read the protocol {path}: {exc}") from None
+    if tiny and proto.get(
+        "tiny_prompts"
+    ):  # the world's captions know none of the real negative prompt's words
+        proto["prompts"], proto["negative_prompt"] = (
+            proto["tiny_prompts"],
+            proto.get("tiny_negative_prompt", ""),
+        )
     prompts = proto.get("prompts")
     if not isinstance(prompts, list) or not prompts:
         raise InputError(f"{path}: the protocol needs a non-empty 'prompts' list")
@@ -425,7 +434,8 @@ def markdown(summaries: dict[str, dict]) -> str:
 
 
 def plot(summaries: dict[str, dict], path: str | os.PathLike) -> None:
-    """Identity vs copy per checkpoint (mean ± standard error) and the follow rate per category."""
+    """Identity vs copy per checkpoint (mean ± standard error; crosses: its categories) and the follow rate per
+    category."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -437,10 +447,12 @@ def plot(summaries: dict[str, dict], path: str | os.PathLike) -> None:
         if i["mean"] is None:
             continue
         se = [math.sqrt(v["std"] ** 2 / max(v["count"], 1)) for v in (i, c)]
-        ax.errorbar(i["mean"], c["mean"], xerr=se[0], yerr=se[1], fmt="o", capsize=3, label=name)
-        for cat, b in s["categories"].items():
+        bars = ax.errorbar(i["mean"], c["mean"], xerr=se[0], yerr=se[1], fmt="o", capsize=3, label=name)
+        for cat, b in s["categories"].items():  # small crosses: the checkpoint's categories
             if b["identity"]["mean"] is not None:
-                ax.annotate(cat, (b["identity"]["mean"], b["copy"]["mean"]), fontsize=7, alpha=0.7)
+                xy = (b["identity"]["mean"], b["copy"]["mean"])
+                ax.scatter(*xy, marker="x", s=18, color=bars[0].get_color(), alpha=0.6)
+                ax.annotate(cat, xy, fontsize=7, alpha=0.7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0.0, color="grey", lw=0.6)
     ax.set_xlabel("identity (Face Sim to the person's other photos)")
     ax.set_ylabel("copy (Face Sim to the reference − identity)")

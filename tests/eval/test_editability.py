@@ -150,22 +150,15 @@ def test_evaluate_editability_two_checkpoints_end_to_end(tiny_dir, tiny_paths, t
     import torch
 
     faces = _persons_folder(tmp_path / "faces", persons=(3, 4))
-    # The miniature's vocabulary (world captions), two categories; the second checkpoint ignores the face.
-    shipped = json.loads((ROOT / "configs" / "editability_protocol.json").read_text())
-    proto = dict(shipped, seeds=[5])
-    proto["prompts"] = [
-        {"category": "adornment", "prompt": "a photo of {subject}, wearing glasses, serious, red background",
-         "attribute": "wearing glasses", "opposite": "no glasses"},
-        {"category": "expression", "prompt": "a photo of {subject}, no glasses, smiling, blue background",
-         "attribute": "smiling", "opposite": "serious"},
-    ]  # fmt: skip
-    (tmp_path / "proto.json").write_text(json.dumps(proto))
+    # the shipped protocol (with --tiny its world-caption prompts), two categories, one seed; the second
+    # checkpoint ignores the face
     weights = torch.load(tiny_paths["face_adapter"], map_location="cpu", weights_only=True)
     weights["ip_adapter"] = {k: torch.zeros_like(v) for k, v in weights["ip_adapter"].items()}
     (tmp_path / "noface").mkdir()
     torch.save(weights, tmp_path / "noface" / "ip-adapter.bin")
     out = tmp_path / "eval"
-    argv = ["--protocol", str(tmp_path / "proto.json"), "--tiny", str(tiny_dir), "--persons", str(faces)]
+    argv = ["--protocol", str(ROOT / "configs" / "editability_protocol.json"), "--tiny", str(tiny_dir)]
+    argv += ["--persons", str(faces), "--max_prompts", "2", "--max_seeds", "1"]
     argv += [
         "--checkpoint",
         f"base={tiny_paths['face_adapter']}",
@@ -214,10 +207,10 @@ def test_evaluate_editability_two_checkpoints_end_to_end(tiny_dir, tiny_paths, t
 
     analyzer = make_face_analyzer(str(tiny_dir), "antelopev2")
     r = next(r for r in rows if r["identity"])
-    g = analyzer.analyze(Image_open(r["image"])).normed_embedding
-    ref = analyzer.analyze(Image_open(r["reference"])).normed_embedding
+    g = analyzer.analyze(_rgb(r["image"])).normed_embedding
+    ref = analyzer.analyze(_rgb(r["reference"])).normed_embedding
     others = [
-        analyzer.analyze(Image_open(p)).normed_embedding
+        analyzer.analyze(_rgb(p)).normed_embedding
         for p in sorted(Path(r["reference"]).parent.glob("*.png"))[1:]
     ]
     assert float(r["ref_sim"]) == pytest.approx(float(g @ ref), abs=1e-5)
@@ -229,7 +222,7 @@ def test_evaluate_editability_two_checkpoints_end_to_end(tiny_dir, tiny_paths, t
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def Image_open(path):
+def _rgb(path):
     from PIL import Image
 
     return Image.open(path).convert("RGB")

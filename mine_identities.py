@@ -11,6 +11,9 @@ at a higher threshold, are the persons. The new index is the input's lines plus 
 ``reference: {"ids": [...]}`` (other photos of the person, never near-duplicates). A report (histogram, counts,
 contact sheet PNG) goes to ``--report_dir``.
 
+``--holdout_persons N`` writes N persons to ``OUTPUT_heldout.jsonl`` instead, for evaluation on people training
+never saw (evaluate.py --persons; docs/evaluation.md).
+
 Labels the index already has (``person_id`` ...): ``--labels check`` reports mined clusters that mix two labels,
 ``constrain`` uses them as must-link / cannot-link, ``keep`` does that and keeps their names, ``ignore``.
 

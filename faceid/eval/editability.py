@@ -255,6 +255,7 @@ def score_items(
     clip=None,
     checkpoint: str = "",
     batch_size: int = 8,
+    progress: bool = False,
 ) -> list[dict]:
     """One row per generated image (keys :data:`CSV_COLUMNS`); ``items``: the grid's settings entries
     (:class:`faceid.eval.scoring.EvalItem` with ``extra["identity"]`` = the person's key)."""
@@ -285,16 +286,18 @@ def score_items(
         rows.append(row)
     ok = [r for r in rows if not r["error"]]
     if faces is not None:
-        _score_faces(ok, by_key, faces)
+        _score_faces(ok, by_key, faces, progress, checkpoint)
     if clip is not None:
         _score_attributes(ok, persons, clip, batch_size)
     return rows
 
 
-def _score_faces(rows: list[dict], by_key: dict, faces: FaceCache) -> None:
+def _score_faces(rows: list[dict], by_key: dict, faces: FaceCache, progress: bool, desc: str) -> None:
+    from tqdm.auto import tqdm
+
     people = {p.id: p for p in by_key.values()}
     photos = {pid: [faces(x) for x in [p.reference, *p.others]] for pid, p in people.items()}
-    for row in rows:
+    for row in tqdm(rows, disable=not progress, desc=f"faces {desc}", unit="img"):
         try:
             emb, kps = faces(row["image"])
         except (OSError, ValueError) as exc:
@@ -497,11 +500,12 @@ def evaluate_grids(
     clip=None,
     batch_size: int = 8,
     meta: dict | None = None,
+    progress: bool = False,
 ) -> dict:
     """Score each checkpoint's generated grid (``{name: settings JSON}``) and write the report."""
     rows = {
         name: score_items(
-            load_items(path), persons, proto, faces, clip, checkpoint=name, batch_size=batch_size
+            load_items(path), persons, proto, faces, clip, name, batch_size=batch_size, progress=progress
         )
         for name, path in grids.items()
     }

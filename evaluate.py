@@ -196,7 +196,7 @@ def main_editability(args, evaluation):
         "grids": grids,
     }
     summaries = editability.evaluate_grids(
-        grids, persons, proto, args.out, faces, clip, args.batch_size, meta
+        grids, persons, proto, args.out, faces, clip, args.batch_size, meta, progress=not args.no_progress
     )
     print(editability.markdown(summaries))
     return summaries

@@ -76,8 +76,8 @@ def test_copy_and_identity_rank_pixel_copy_new_photo_and_other_person(world_face
         others = [world_faces.analyzer.analyze(photo(k, s)).normed_embedding for s in range(1, SHOTS)]
         assert copy["identity"] == pytest.approx(float(np.mean([ref @ o for o in others])), abs=1e-5)
         assert copy["copy"] > new["copy"] + 0.003
-        assert min(copy["identity"], new["identity"]) > other["identity"] + 0.5
-        assert copy["margin"] > 0.5 and new["margin"] > 0.5 and other["margin"] < 0
+        assert min(copy["identity"], new["identity"]) > other["identity"] + 0.3
+        assert copy["margin"] > 0.3 and new["margin"] > 0.3 and other["margin"] < 0
         assert all(r["d_yaw"] is not None and r["face_detected"] for r in (copy, new, other))
         assert copy["d_yaw"] == 0 and copy["d_roll"] == 0
 

@@ -401,8 +401,8 @@ def markdown(summaries: dict[str, dict]) -> str:
         "Face Sim (ref)",
         "margin",
         "follow",
-        "|Δyaw|°",
-        "|Δroll|°",
+        "Δyaw °",
+        "Δroll °",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
     for name, s in summaries.items():
@@ -430,7 +430,7 @@ def markdown(summaries: dict[str, dict]) -> str:
         "identity: mean Face Sim of the output to the person's other photos; copy: Face Sim to the reference minus "
         "identity (≈ 0 keeps the person, not the photo; high = the reference pasted); margin: identity minus Face "
         "Sim to other persons; follow: CLIP zero-shot says the output shows the requested attribute (vs its "
-        "opposite), among outputs whose reference did not; |Δyaw|, |Δroll|: head-angle change from the 5 keypoints. "
+        "opposite), among outputs whose reference did not; Δyaw, Δroll: absolute head-angle change (degrees) from the 5 keypoints. "
         "Means over outputs with a face.",
     ]
     return "\n".join(lines) + "\n"

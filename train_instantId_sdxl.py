@@ -124,6 +124,10 @@ def parse_args(argv=None):
     g.add_argument("--lr_scheduler", default="constant_with_warmup")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--optimizer_in_backward", action="store_true",
+                   help="step each parameter in backward as its gradient arrives, then free it: gradients are "
+                        "never all held (24 GB preset; one process, no accumulation, bf16/fp32; --max_grad_norm "
+                        "clips per parameter)")  # fmt: skip
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", "--weight_decay", type=float, default=1e-2)

@@ -17,6 +17,11 @@ masters needs ~30 GB, more than this shared machine can give one process, so it 
 * trained fp32 weights, their gradients, AdamW and AdamW8bit (bitsandbytes) states, and the bf16 copies autocast
   keeps for backward: the trained parameters' real shapes, in chunks of ~0.35 B parameters (``optim``).
 
+* the 24 GB preset: the same chunks with one optimizer per parameter, each gradient made, applied and freed in
+  turn (``optim_inbwd``, ``--optimizer_in_backward``); fp32 trained weights under bf16 autocast with gradient
+  checkpointing, autocast's weight cache on and off (``autocast``, ``--no-autocast_cache``; UNet + IP layers and
+  IdentityNet + Resampler at the low resolution: the cache holds weight copies, whatever the resolution).
+
 The real step's peak is then at most weights + gradients + optimizer states + autocast copies + activations
 (gradients build up while activations are freed during backward, so the sum is an upper bound by at most the
 gradients). 1024 px activations are the 512 px ones times the 256→512 factor measured here.

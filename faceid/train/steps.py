@@ -133,9 +133,8 @@ def optimizer_step(run: Run, step: StepResult):
     t0 = training.phase_clock(device, {"timing": args.log_phase_times})
     grad_norm = None
     if args.max_grad_norm and args.max_grad_norm > 0:
-        inner = getattr(run.optimizer, "optimizer", run.optimizer)
-        if hasattr(inner, "grad_norm"):  # --optimizer_in_backward: clipped per parameter during backward
-            grad_norm = inner.grad_norm()
+        if getattr(args, "optimizer_in_backward", False):  # clipped per parameter during backward
+            grad_norm = getattr(run.optimizer, "optimizer", run.optimizer).grad_norm()
         else:
             grad_norm = run.accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
     run.optimizer.step()

@@ -32,7 +32,9 @@ def test_gpu_check_reduced(tiny_dir, tmp_path):
     infer = [r for r in rows if r.section == "infer"]
     face = [r for r in rows if r.section == "face"]
     assert len(train) == len(gpu_check.TRAIN_CONFIGS) + len(gpu_check.PRESET_24GB_CONFIGS) == 9
-    assert train[-1].config == gpu_check.PRESET_24GB_NAME and train[-1].extra["optimizer"].endswith("in_backward")
+    assert train[-1].config == gpu_check.PRESET_24GB_NAME and train[-1].extra["optimizer"].endswith(
+        "in_backward"
+    )
     assert [r.config for r in infer] == list(gpu_check.PRESETS)
     assert len(face) == 1 and len(rows) == 14
 

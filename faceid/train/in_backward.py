@@ -47,6 +47,8 @@ class OptimizerInBackward(torch.optim.Optimizer):
                 "--optimizer_in_backward: a parameter's gradient arrived twice in one update (gradient "
                 "accumulation or a second backward); it needs exactly one backward per update"
             )
+        if not self._done:  # the first gradient of an update: the norm starts again
+            self._norm_sq = None
         self._done.add(i)
         g = p.grad
         norm = torch.linalg.vector_norm(g.detach().float())

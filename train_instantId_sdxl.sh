@@ -27,9 +27,16 @@ SHARD_LANES=${SHARD_LANES:-1}                # remote shards: set to WORKERS so 
 CROSS_ID=${CROSS_ID:-1}                      # 1: face embedding from another image of the same person
 CROSS_ID_PROB=${CROSS_ID_PROB:-1.0}
 
+# ---- memory preset (docs/training.md, "Memory per GPU") ----------------------------------------------------
+# 24gb: IdentityNet + adapter at 1024 px on one 24 GB GPU: gradient checkpointing, AdamW8bit stepped during backward
+# (--optimizer_in_backward: gradients never all held), no autocast weight cache, bf16, batch 1 unless BATCH_SIZE is
+# set. One GPU, GRAD_ACCUM=1; MAX_GRAD_NORM clips each parameter's gradient on its own. "": the flags below as set.
+PRESET=${PRESET:-""}
+
 # ---- output and schedule ---------------------------------------------------------------------------------
 OUTPUT_DIR=${OUTPUT_DIR:-"output/instantid-crossid"}
 RESOLUTION=${RESOLUTION:-1024}
+[ "$PRESET" = "24gb" ] && BATCH_SIZE=${BATCH_SIZE:-1} && MIXED_PRECISION=${MIXED_PRECISION:-"bf16"}
 BATCH_SIZE=${BATCH_SIZE:-2}                  # per GPU
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 LEARNING_RATE=${LEARNING_RATE:-1e-5}
@@ -104,6 +111,18 @@ args+=(--validation_face_model "$FACE_MODEL" --collapse_check_steps "$COLLAPSE_C
 [ "$ID_LOSS_WEIGHT" != "0" ] && args+=(--id_loss_weight "$ID_LOSS_WEIGHT" --id_loss_max_timestep "$ID_LOSS_MAX_TIMESTEP")
 
 TOTAL=$((NUM_GPUS * NUM_NODES))
+case "$PRESET" in
+  "") ;;
+  24gb)
+    if [ "$MIXED_PRECISION" = "fp16" ] || [ "$TOTAL" != "1" ] || [ "$GRAD_ACCUM" != "1" ] || [ -n "$ACCELERATE_CONFIG" ]; then
+      echo "PRESET=24gb steps the optimizer during backward: it needs MIXED_PRECISION=bf16 (or no), one GPU," \
+           "GRAD_ACCUM=1 and no ACCELERATE_CONFIG (got $MIXED_PRECISION, $TOTAL GPUs, $GRAD_ACCUM," \
+           "'${ACCELERATE_CONFIG}'); several GPUs: configs/accelerate/deepspeed_zero2.yaml without the preset" >&2
+      exit 2
+    fi
+    args+=(--use_8bit_adam --optimizer_in_backward --no-autocast_cache) ;;  # checkpointing is always on
+  *) echo "PRESET=$PRESET: unknown (24gb, or empty for none)" >&2; exit 2 ;;
+esac
 launch=(accelerate launch --mixed_precision "$MIXED_PRECISION")
 if [ -n "$ACCELERATE_CONFIG" ]; then
   launch+=(--config_file "$ACCELERATE_CONFIG" --num_processes "$TOTAL" --num_machines "$NUM_NODES"
@@ -115,5 +134,8 @@ else
   launch+=(--num_processes 1 --num_machines 1)
 fi
 
-echo "OUTPUT_DIR: $OUTPUT_DIR ($TOTAL processes)"
+echo "OUTPUT_DIR: $OUTPUT_DIR ($TOTAL processes${PRESET:+, preset $PRESET})"
+if [ "${DRY_RUN:-0}" = "1" ]; then  # print the command instead of running it
+  printf '%q ' "${launch[@]}" train_instantId_sdxl.py "${args[@]}" "$@"; echo; exit 0
+fi
 exec "${launch[@]}" train_instantId_sdxl.py "${args[@]}" "$@"

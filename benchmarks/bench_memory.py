@@ -17,6 +17,11 @@ masters needs ~30 GB, more than this shared machine can give one process, so it 
 * trained fp32 weights, their gradients, AdamW and AdamW8bit (bitsandbytes) states, and the bf16 copies autocast
   keeps for backward: the trained parameters' real shapes, in chunks of ~0.35 B parameters (``optim``).
 
+* the 24 GB preset: the same chunks with one optimizer per parameter, each gradient made, applied and freed in
+  turn (``optim_inbwd``, ``--optimizer_in_backward``); fp32 trained weights under bf16 autocast with gradient
+  checkpointing, autocast's weight cache on and off (``autocast``, ``--no-autocast_cache``; UNet + IP layers and
+  IdentityNet + Resampler at the low resolution: the cache holds weight copies, whatever the resolution).
+
 The real step's peak is then at most weights + gradients + optimizer states + autocast copies + activations
 (gradients build up while activations are freed during backward, so the sum is an upper bound by at most the
 gradients). 1024 px activations are the 512 px ones times the 256→512 factor measured here.
@@ -38,6 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # faceid (the preset's optimizer)
 
 GIB = 1024**3
 GB = 1e9
@@ -299,6 +305,91 @@ def phase_optim(args) -> dict:
     return res
 
 
+def phase_optim_inbwd(args) -> dict:
+    """The 24 GB preset's optimizer (``--optimizer_in_backward``): one optimizer per parameter, each gradient
+    made, applied and freed in turn as the post-accumulate-grad hooks do. States = what stays; the transient =
+    the peak above them (one gradient, its norm for clipping, the step's temporaries)."""
+    import torch
+
+    from faceid.train.in_backward import OptimizerInBackward
+
+    shapes = chunks(trained_shapes(args.what))[args.chunk]
+    res = {"params": sum(torch.Size(s).numel() for s in shapes), "largest": max(math.prod(s) for s in shapes)}
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    classes = {"adamw": torch.optim.AdamW}
+    try:
+        import bitsandbytes as bnb
+
+        classes["adamw8bit"] = bnb.optim.AdamW8bit
+    except ImportError as exc:
+        res["adamw8bit_error"] = f"bitsandbytes not importable: {exc}"
+    for name, cls in classes.items():
+        opt = OptimizerInBackward(cls, params, max_grad_norm=1.0, lr=1e-5, weight_decay=1e-2)
+        with Measure() as m:
+            for p in params:
+                p.grad = torch.randn_like(p)
+                opt._apply(p)  # what the hook runs
+            opt.step()
+        res[f"{name}_inbwd_states"], res[f"{name}_inbwd_step_peak"] = m.delta, m.peak
+        assert all(p.grad is None for p in params)
+        opt.remove_hooks()
+        del opt
+    return res
+
+
+def phase_autocast(args) -> dict:
+    """Trained weights in fp32 under bf16 autocast with gradient checkpointing, autocast's weight cache on or off
+    (``--no-autocast_cache``): the UNet's IP layers, or IdentityNet + Resampler. Peak above the weights of one
+    forward (under autocast, as the trainer) + backward (outside), gradients dropped; on − off = the bf16
+    copies the cache holds."""
+    import sdxl_random as sr
+    import torch
+
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    lat = args.res // 8
+    if args.what == "adapter":  # the UNet (bf16, frozen) with fp32 IP layers
+        net = sr.build_unet(dtype=bf16)
+        layers = sr.install_ip_layers(net)
+        net.requires_grad_(False)
+        trained = list(layers.float().requires_grad_(True).parameters())
+    else:  # IdentityNet + Resampler, fp32, trained
+        net = sr.build_identitynet(sr.build_unet("meta"), dtype=torch.float32).train()
+        resampler = sr.build_resampler(dtype=torch.float32)
+        trained = list(net.parameters()) + list(resampler.parameters())
+    _drop_grads(trained)
+    net.enable_gradient_checkpointing()
+    noisy = torch.randn(1, 4, lat, lat)
+    added = {"text_embeds": torch.randn(1, 1280), "time_ids": _time_ids(args.res).float()}
+    runs = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        with Measure() as m:
+            with torch.autocast("cpu", dtype=bf16, cache_enabled=bool(args.cache)):
+                if args.what == "adapter":
+                    out = net(
+                        noisy.to(bf16),
+                        torch.tensor([500]),
+                        encoder_hidden_states=torch.randn(1, 93, 2048, dtype=bf16),
+                        added_cond_kwargs={k: v.to(bf16) for k, v in added.items()},
+                    ).sample
+                    outs = [out]
+                else:
+                    down, mid = net(
+                        noisy,
+                        torch.tensor([500]),
+                        encoder_hidden_states=resampler(torch.randn(1, 512)),
+                        added_cond_kwargs=added,
+                        controlnet_cond=torch.rand(1, 3, args.res, args.res),
+                        return_dict=False,
+                    )
+                    outs = [*down, mid]
+            torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+            del outs
+        runs.append(dict(peak=m.peak, seconds=time.perf_counter() - t0))
+    return dict(runs=runs, peak=min(r["peak"] for r in runs))
+
+
 def phase_vae_act(args) -> dict:
     """VAE encode (no grad, fp32) of one image: a transient before the UNet runs, when latents are not cached."""
     import sdxl_random as sr
@@ -316,6 +407,8 @@ PHASES = dict(
     cn_act=phase_cn_act,
     optim=phase_optim,
     vae_act=phase_vae_act,
+    optim_inbwd=phase_optim_inbwd,
+    autocast=phase_autocast,
 )
 
 
@@ -381,6 +474,14 @@ def plan(resolutions) -> list[tuple[str, str, dict]]:
     acts(0)
     optim("identitynet")
     acts(1)
+    # The 24 GB preset: optimizer in backward per chunk; autocast's weight cache on/off at the low resolution.
+    for what in ("adapter", "identitynet"):
+        for i in range(len(chunks(trained_shapes(what)))):
+            steps.append(("optim_inbwd", f"{what}/{i}", dict(phase="optim_inbwd", what=what, chunk=i)))
+    for what in ("identitynet", "adapter"):
+        for cache in (1, 0):
+            kw = dict(phase="autocast", what=what, cache=cache, res=resolutions[0])
+            steps.append(("autocast", f"{what}/{cache}", kw))
     return steps
 
 
@@ -397,7 +498,7 @@ def collect(args) -> dict:
             if key in data.get(section, {}):
                 continue
             phase = kw.pop("phase")
-            if phase in ("unet_act", "cn_act"):
+            if phase in ("unet_act", "cn_act", "autocast"):
                 kw["repeats"] = args.repeats
             data.setdefault(section, {})[key] = spawn(
                 phase, budget_gib=args.budget_gib, threads=args.threads, tmp=tmp, **kw
@@ -428,6 +529,72 @@ def summed_optim(data: dict) -> dict:
         }
         out["identitynet"].update(params=n_cn, chunks=0, scaled_from_adapter=1)
     return out
+
+
+# (optimizer, autocast cache) of the rows with the optimizer step in backward: whole model, checkpointing on.
+PRESET_VARIANTS = (("adamw", False), ("adamw8bit", True), ("adamw8bit", False))
+PRESET_24GB = ("adamw8bit", False)  # the launcher's PRESET=24gb
+
+
+def in_backward_parts(data: dict) -> dict:
+    """Per trained set, measured with the optimizer in backward: the states (chunks summed) and the largest
+    transient above them (one gradient + the step's temporaries; the maximum over chunks, not a sum)."""
+    out = {}
+    for what in ("adapter", "identitynet"):
+        parts = [v for k, v in data.get("optim_inbwd", {}).items() if k.split("/")[0] == what]
+        if not parts:
+            continue
+        d = {"params": sum(p["params"] for p in parts)}
+        for opt in ("adamw", "adamw8bit"):
+            if all(f"{opt}_inbwd_states" in p for p in parts):
+                d[f"{opt}_states"] = sum(p[f"{opt}_inbwd_states"] for p in parts)
+                d[f"{opt}_transient"] = max(
+                    p[f"{opt}_inbwd_step_peak"] - p[f"{opt}_inbwd_states"] for p in parts
+                )
+        out[what] = d
+    return out
+
+
+def autocast_saving(data: dict) -> int | None:
+    """Peak bytes autocast's weight cache costs (cache on − off, UNet + IP layers and IdentityNet + Resampler,
+    fp32 trained weights, checkpointing on); None until all four phases are measured."""
+    a = data.get("autocast", {})
+    pairs = [(f"{w}/1", f"{w}/0") for w in ("adapter", "identitynet")]
+    if not all(k in a for pair in pairs for k in pair):
+        return None
+    return sum(max(0, a[on]["peak"] - a[off]["peak"]) for on, off in pairs)
+
+
+def preset_rows(data: dict, rows: list[dict]) -> list[dict]:
+    """The whole model with checkpointing and the optimizer step in backward, from the matching row: gradients →
+    the largest transient, optimizer states → as measured per parameter, autocast copies → minus the measured
+    saving when the cache is off. Rows appear once every chunk of both trained sets is measured."""
+    o, ib, save = summed_optim(data), in_backward_parts(data), autocast_saving(data)
+    trained = ("adapter", "identitynet")
+    out = []
+    for opt, cache in PRESET_VARIANTS:
+        base = next(
+            (r for r in rows if r["train"] == "everything" and r["ckpt"] and r["optimizer"] == opt), None
+        )
+        if base is None or (not cache and save is None):
+            continue
+        if any(f"{opt}_states" not in ib.get(t, {}) or ib[t]["params"] != o[t]["params"] for t in trained):
+            continue
+        row = dict(
+            base,
+            in_backward=True,
+            autocast_cache=cache,
+            gradients=max(ib[t][f"{opt}_transient"] for t in trained),
+            optimizer_states=sum(ib[t][f"{opt}_states"] for t in trained),
+            autocast_copies=base["autocast_copies"] - (0 if cache else save),
+        )
+        fixed = sum(row[k] for k in FIXED)
+        row["total"] = {r: fixed + a for r, a in row["activations"].items()}
+        out.append(row)
+    return out
+
+
+FIXED = ("frozen_weights", "trained_weights", "gradients", "optimizer_states", "autocast_copies")
 
 
 def table(data: dict) -> tuple[list[dict], str]:
@@ -482,6 +649,7 @@ def table(data: dict) -> tuple[list[dict], str]:
                 )
                 row["total"] = {r: fixed + a for r, a in acts.items()}
                 rows.append(row)
+    rows += preset_rows(data, rows)
 
     def gb(x, fmt=".2f"):
         return "n/m" if x is None else format(x / GB, fmt)
@@ -498,15 +666,28 @@ def table(data: dict) -> tuple[list[dict], str]:
         star = "*" if r["identitynet_states_scaled"] else ""
         lines.append(
             f"| {'adapter only' if r['train'] == 'adapter' else 'everything'} | {'yes' if r['ckpt'] else 'no'} "
-            f"| {'AdamW8bit' if r['optimizer'] == 'adamw8bit' else 'AdamW'} | {gb(r['frozen_weights'])} "
+            f"| {optimizer_label(r)} | {gb(r['frozen_weights'])} "
             f"| {gb(r['trained_weights'])}{star} | {gb(r['gradients'])}{star} | {gb(r['optimizer_states'])}{star} "
             f"| {gb(r['autocast_copies'])}{star} | {gb(a[lo])} / {gb(a.get(hi))}{factor} "
             f"| {gb(a.get(1024), '.1f')} | {gb(t.get(hi), '.1f')} | {gb(t.get(1024), '.1f')} |"
         )
     lines.append(
-        "n/m: not measured (yet); *: IdentityNet's part scaled per parameter from the adapter's measurement"
+        "n/m: not measured (yet); *: IdentityNet's part scaled per parameter from the adapter's measurement; "
+        "in backward: --optimizer_in_backward (gradients: the largest one in flight); autocast cache off: "
+        "--no-autocast_cache; 24 GB preset: the launcher's PRESET=24gb"
     )
     return rows, "\n".join(lines)
+
+
+def optimizer_label(r: dict) -> str:
+    label = "AdamW8bit" if r["optimizer"] == "adamw8bit" else "AdamW"
+    if r.get("in_backward"):
+        label += ", in backward"
+        if not r["autocast_cache"]:
+            label += ", autocast cache off"
+        if (r["optimizer"], r["autocast_cache"]) == PRESET_24GB:
+            label = f"**24 GB preset**: {label}"
+    return label
 
 
 def details(data: dict) -> str:
@@ -526,6 +707,15 @@ def details(data: dict) -> str:
         lines.append(f"  {k} (trained, {v['params'] / 1e9:.3f} B params, {v['chunks']} chunks): {extra}")
     for res, v in data.get("vae_act", {}).items():
         lines.append(f"  VAE encode transient at {res} px (fp32, no grad): {v['peak'] / GB:.2f}")
+    for k, v in in_backward_parts(data).items():
+        extra = ", ".join(f"{n} {v[n] / GB:.3f}" for n in v if n != "params")
+        lines.append(f"  {k} optimizer in backward ({v['params'] / 1e9:.3f} B params): {extra}")
+    for k, v in data.get("autocast", {}).items():
+        what, cache = k.split("/")
+        lines.append(
+            f"  autocast {'UNet + IP layers' if what == 'adapter' else 'IdentityNet + Resampler'} fp32 trained, "
+            f"ckpt, cache {'on' if cache == '1' else 'off'}: peak {v['peak'] / GB:.2f} ({v['runs'][0]['seconds']:.0f} s)"
+        )
     lines.append("activation phases (peak above weights, s per forward+backward on this CPU):")
     for name in ("unet_act", "cn_act"):
         for k, v in data.get(name, {}).items():
@@ -551,6 +741,9 @@ def parse_args(argv=None):
     g.add_argument("--train", default="adapter", choices=["adapter", "everything"])
     g.add_argument("--what", default="adapter", choices=["adapter", "identitynet"])
     g.add_argument("--chunk", type=int, default=0)
+    g.add_argument(
+        "--cache", type=int, default=1, help="autocast phase: autocast's weight cache on (1) / off (0)"
+    )
     g.add_argument("--tmp", default="/tmp")
     return p.parse_args(argv)
 

@@ -9,7 +9,8 @@ configs/sdxl/*.json with random weights (nothing is downloaded) and measured as
 * **train** — one training step (batch 1, 1024 px, bf16 autocast — fp16 where bf16 is missing —, frozen parts in
   that dtype, trained parts fp32, VAE encode and both text encoders inside the step as without caches) for each
   memory configuration of ``bench_memory.py``: adapter only / everything × gradient checkpointing × AdamW /
-  AdamW8bit; the second of two steps is timed, the peak is ``torch.cuda.max_memory_allocated`` over both;
+  AdamW8bit; the second of two steps is timed, the peak is ``torch.cuda.max_memory_allocated`` over both; then
+  the 24 GB preset (everything, checkpointing, AdamW8bit stepped in backward, autocast cache off) the same way;
 * **infer** — one 1024² image, 30 Euler steps, CFG, fp16, for the presets none / VAE slicing + tiling /
   ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload`` (s/image after a warm-up, peak allocated);
 * **face** — ``get_face_info.py`` dataset mode over synthetic 1024-px images with the tiny antelopev2 pack on the
@@ -50,6 +51,10 @@ TRAIN_CONFIGS = [
     for ckpt in (False, True)
     for opt in ("adamw", "adamw8bit")
 ]
+# ---- 24 GB preset (issue 23; the launcher's PRESET=24gb): whole model, checkpointing, AdamW8bit stepped during
+# backward (faceid/train/in_backward.py), autocast weight cache off. Its own rows, after TRAIN_CONFIGS'.
+PRESET_24GB_CONFIGS = [("everything", True, "adamw8bit_in_backward")]
+PRESET_24GB_NAME = "24 GB preset (everything, ckpt, 8-bit in backward)"
 PROMPT = "a photo of a person, best quality"
 
 
@@ -195,7 +200,7 @@ def _set_trained(pipe, train: str, ckpt: bool, wdt) -> list:
     return [p for m in (res, layers, cn) for p in m.parameters() if p.requires_grad]
 
 
-def train_step(pipe, model, optimizer, batch, device, wdt, sched) -> float:
+def train_step(pipe, model, optimizer, batch, device, wdt, sched, autocast_cache: bool = True) -> float:
     """One step as the trainer takes it without caches: VAE encode, text encoders, forward under autocast,
     MSE on the noise, backward, optimizer step."""
     import torch.nn.functional as F
@@ -213,7 +218,7 @@ def train_step(pipe, model, optimizer, batch, device, wdt, sched) -> float:
     t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
     noisy = sched.add_noise(latents, noise, t)
     added = {"text_embeds": pooled.to(wdt), "time_ids": batch["time_ids"].to(wdt)}
-    with torch.autocast(device.type, dtype=wdt):
+    with torch.autocast(device.type, dtype=wdt, cache_enabled=autocast_cache):
         pred = model(noisy, t, text.to(wdt), added, batch["emb"], batch["kps"])
         loss = F.mse_loss(pred.float(), noise.float())
     loss.backward()
@@ -251,24 +256,31 @@ def check_train(pipe, device, wdt, resolution: int, configs=TRAIN_CONFIGS) -> li
     for train, ckpt, opt_name in configs:
         name = f"{'adapter only' if train == 'adapter' else 'everything'}, ckpt {'on' if ckpt else 'off'}, "
         name += "AdamW8bit" if opt_name == "adamw8bit" else "AdamW"
+        preset = opt_name == "adamw8bit_in_backward"
+        name = PRESET_24GB_NAME if preset else name
         row = Row("train", name, unit="s/step", extra=dict(train=train, ckpt=ckpt, optimizer=opt_name))
         optimizer = None
         try:
             params = _set_trained(pipe, train, ckpt, wdt)
             model = TrainModel(pipe.unet, pipe.controlnet, pipe.image_proj_model)
-            if opt_name == "adamw8bit":
+            if opt_name.startswith("adamw8bit"):
                 try:
                     import bitsandbytes as bnb
                 except ImportError:
                     rows.append(Row("train", name, status="skipped: bitsandbytes not installed"))
                     continue
-                optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
+                if preset:
+                    from faceid.train.in_backward import OptimizerInBackward
+
+                    optimizer = OptimizerInBackward(bnb.optim.AdamW8bit, params, max_grad_norm=1.0, lr=1e-5)
+                else:
+                    optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
             else:
                 optimizer = torch.optim.AdamW(params, lr=1e-5)
             row.extra["trained_params"] = sum(p.numel() for p in params)
             with Peak(device) as pk:
-                train_step(pipe, model, optimizer, batch, device, wdt, sched)
-                row.value = train_step(pipe, model, optimizer, batch, device, wdt, sched)
+                train_step(pipe, model, optimizer, batch, device, wdt, sched, not preset)
+                row.value = train_step(pipe, model, optimizer, batch, device, wdt, sched, not preset)
             row.peak_gb = pk.bytes / 1e9
             if not batch.pop("finite", True):
                 row.status = "ok (non-finite loss: random weights)"
@@ -277,6 +289,10 @@ def check_train(pipe, device, wdt, resolution: int, configs=TRAIN_CONFIGS) -> li
                 raise
             row.status = "OOM"
         finally:
+            if hasattr(
+                optimizer, "remove_hooks"
+            ):  # the preset's hooks must not step the next rows' parameters
+                optimizer.remove_hooks()
             del optimizer
             for p in pipe.controlnet.parameters():
                 p.grad = None
@@ -469,6 +485,7 @@ def _run(args, device, reduced, sizes, sections, infer_dtype, train_dtype, heade
             header["build_s"] = round(time.perf_counter() - t0, 1)
             if "train" in sections:
                 rows += check_train(pipe, device, train_dtype, sizes["train_resolution"])
+                rows += check_train(pipe, device, train_dtype, sizes["train_resolution"], PRESET_24GB_CONFIGS)
             if "infer" in sections:
                 rows += check_infer(pipe, device, infer_dtype, sizes["resolution"], sizes["steps"])
             del pipe

@@ -133,7 +133,10 @@ def optimizer_step(run: Run, step: StepResult):
     t0 = training.phase_clock(device, {"timing": args.log_phase_times})
     grad_norm = None
     if args.max_grad_norm and args.max_grad_norm > 0:
-        grad_norm = run.accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
+        if getattr(args, "optimizer_in_backward", False):  # clipped per parameter during backward
+            grad_norm = getattr(run.optimizer, "optimizer", run.optimizer).grad_norm()
+        else:
+            grad_norm = run.accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -184,6 +187,10 @@ def make_optimizer(args, params, accum: int, world: int, max_steps: int):
         except ImportError as exc:
             raise TrainingInputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from exc
         opt_cls = bnb.optim.AdamW8bit
+    if getattr(args, "optimizer_in_backward", False):
+        from faceid.train.in_backward import in_backward_optimizer
+
+        opt_cls = in_backward_optimizer(opt_cls, args, accum, world)
     optimizer = opt_cls(
         params,
         lr=lr,

@@ -31,9 +31,12 @@ def test_gpu_check_reduced(tiny_dir, tmp_path):
     train = [r for r in rows if r.section == "train"]
     infer = [r for r in rows if r.section == "infer"]
     face = [r for r in rows if r.section == "face"]
-    assert len(train) == len(gpu_check.TRAIN_CONFIGS) == 8
+    assert len(train) == len(gpu_check.TRAIN_CONFIGS) + len(gpu_check.PRESET_24GB_CONFIGS) == 9
+    assert train[-1].config == gpu_check.PRESET_24GB_NAME and train[-1].extra["optimizer"].endswith(
+        "in_backward"
+    )
     assert [r.config for r in infer] == list(gpu_check.PRESETS)
-    assert len(face) == 1 and len(rows) == 13
+    assert len(face) == 1 and len(rows) == 14
 
     # Trained parameter counts match the checkpoints on disk (an independent count).
     image_proj, ip = read_adapter(tiny_dir / "checkpoints" / "ip-adapter.bin")

@@ -133,3 +133,23 @@ def test_load_image_from_bytes_and_streams(tmp_path):
         load_image(b"not an image", name="shard-0:12.png")
     with pytest.raises(ImageLoadError, match="empty image data"):
         load_image(b"")
+
+
+def test_array_conversions_equal_numpy_on_every_path():
+    """to_bgr / to_rgb_array read PIL's storage through Arrow when they can (RGB in one block) and fall back
+    otherwise (other modes; an image over PIL's 16 MB block, stored in several blocks): the bytes of the numpy definitions."""
+    from faceid.face.images import rgbx_view, to_bgr, to_rgb_array
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    big = Image.fromarray(
+        np.broadcast_to(rng.integers(0, 256, (1, 2048, 3), dtype=np.uint8), (2100, 2048, 3))
+    )
+    gray = Image.fromarray(rng.integers(0, 256, (9, 7), dtype=np.uint8), "L")
+    assert rgbx_view(small) is not None and rgbx_view(big) is None and rgbx_view(gray) is None
+    for img in (small, big, gray):
+        ref = np.asarray(img.convert("RGB"))
+        bgr, rgb = to_bgr(img), to_rgb_array(img)
+        assert bgr.flags.c_contiguous and rgb.flags.c_contiguous and rgb.flags.writeable
+        np.testing.assert_array_equal(bgr, ref[:, :, ::-1])
+        np.testing.assert_array_equal(rgb, ref)

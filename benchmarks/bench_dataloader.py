@@ -241,7 +241,8 @@ def main(argv=None):
     cpu = {k: float(np.median([r[1] for r in v])) for k, v in rows.items()}
     print(
         f"1024x1280 PNG -> {args.resolution}px, {args.workers} workers, batch {args.batch_size}, "
-        f"{args.num_images} images, {args.rounds} interleaved rounds, cpus: {os.cpu_count()}"
+        f"{args.num_images} images, {args.rounds} interleaved rounds, cpus: {os.cpu_count()}, "
+        f"load avg {' / '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     print(f"  per sample (1 process): MFaceTech {mft_one * 1000:7.1f} ms   ours {ours_one * 1000:7.1f} ms")
     print(f"  {'loader':10s} {'samples/s per round':>26s} {'median':>8s} {'CPU ms/sample':>14s}")

@@ -99,7 +99,10 @@ def main(argv=None) -> None:
             rows["ours"].append(ours(tmp, tmp / "imgs", tmp / f"ours{r}", a.workers, a.batch_size))
     med = {k: float(np.median([x[0] for x in v])) for k, v in rows.items()}
     cpu = {k: float(np.median([x[1] for x in v])) * 1000 for k, v in rows.items()}
-    print(f"images: {a.n} x {a.size}px JPEG, cpus: {os.cpu_count()}, {a.rounds} interleaved rounds")
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"images: {a.n} x {a.size}px JPEG, cpus: {os.cpu_count()}, {a.rounds} interleaved rounds, load avg {load}"
+    )
     print(f"{'':58s} {'images/s per round':>22s} {'median':>8s} {'CPU ms/image':>13s}")
     labels = {
         "naive": "naive loop (FaceAnalysis.get, 5 modules, 1 pickle/image)",

@@ -95,10 +95,12 @@ def load_image(path, max_pixels: int = MAX_PIXELS, name: str | None = None) -> I
         raise ImageLoadError(f"{path}: corrupt or truncated image ({exc})") from exc
 
 
-_ARROW = None  # pyarrow, once imported (False: not available)
+_ARROW = None  # pyarrow once enable_arrow() imported it (False: not available)
 
 
-def _arrow():
+def enable_arrow() -> bool:
+    """Import pyarrow so that :func:`rgbx_view` can read PIL's storage without a copy. Long loops call it once
+    (the import and first conversion take ~0.5 s, before any worker process forks); one-off conversions skip it."""
     global _ARROW
     if _ARROW is None:
         try:
@@ -107,17 +109,17 @@ def _arrow():
             _ARROW = pyarrow if hasattr(Image.Image, "__arrow_c_array__") else False
         except ImportError:
             _ARROW = False
-        if _ARROW:  # the first conversion imports pyarrow's lazy parts (~0.5 s): here, before workers fork
+        if _ARROW:  # the first conversion imports pyarrow's lazy parts: here, not in each worker
             rgbx_view(Image.new("RGB", (2, 2)))
-    return _ARROW
+    return bool(_ARROW)
 
 
 def rgbx_view(image: Image.Image) -> np.ndarray | None:
     """A read-only ``[H, W, 4]`` view of an RGB PIL image's own storage (R, G, B, pad), without a copy, through the
-    Arrow C data interface (Pillow ≥ 11.2 with pyarrow), or ``None`` (other modes, an image stored in several
-    blocks, older Pillow). ``np.asarray(image)`` instead goes through ``tobytes`` (chunked encode, join, copy:
+    Arrow C data interface (Pillow ≥ 11.2 with pyarrow, after :func:`enable_arrow`), or ``None`` (not enabled,
+    other modes, an image stored in several blocks, older Pillow). ``np.asarray(image)`` instead goes through ``tobytes`` (chunked encode, join, copy:
     ~1–4 ms for a 1024² image, more on a busy machine), which dominated the conversions below."""
-    pa = _arrow()
+    pa = _ARROW
     if not pa or image.mode != "RGB" or not image.width or not image.height:
         return None
     try:

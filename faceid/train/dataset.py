@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from faceid.face.images import _arrow, load_image
+from faceid.face.images import enable_arrow, load_image
 from faceid.schema import EMBEDDING_DIM
 from faceid.train.records import Record, ReferencePicker, load_embedding, sample_rng
 from faceid.train.transforms import (
@@ -62,7 +62,7 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         self.with_pixels = with_pixels
         # faceid.train.disk_cache.DiskCache: latents/text embeddings instead of pixels/captions to encode
         self.disk_cache = disk_cache
-        _arrow()  # imported here, once, so that forked workers do not each import it on their first sample
+        enable_arrow()  # zero-copy pixel reads; here, once, so that forked workers do not each import pyarrow
 
     def __len__(self) -> int:
         return len(self.records)

@@ -6,9 +6,9 @@ threads, recognition of the chosen face only, batched, sharded embeddings, merge
 
     python benchmarks/bench_face_info.py [--n 200] [--size 1024] [--rounds 3]
 
-The two alternate for ``--rounds`` rounds (ours counts model loading, listing and merge;
-the naive loop only its per-image loop); the table gives
-images/s per round, the medians and CPU time per image (process time: less sensitive to other jobs on the machine).
+The two alternate for ``--rounds`` rounds (ours counts model loading, listing and merge; the naive loop only its
+per-image loop); the table gives images/s per round, the medians and CPU time per image (process time: less
+sensitive to other jobs on the machine, which slow the naive loop's spinning ONNX threads most).
 """
 
 from __future__ import annotations

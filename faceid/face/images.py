@@ -11,7 +11,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Same limit PIL warns at (~89 MP); larger images are refused rather than decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -53,13 +53,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
+def _stop_after(img: Image.Image, rows: int | None) -> bool:
+    """Make PIL decode only the first ``rows`` rows of a plain (non-interlaced) PNG: the zip decoder is sequential,
+    so it simply stops there. Not when EXIF (known before the pixels) may rotate the image."""
+    w, h = img.size
+    if rows is None or not 0 < rows < h or img.format != "PNG" or len(img.tile) != 1:
+        return False
+    t = img.tile[0]
+    if t[0] != "zip" or tuple(t[1]) != (0, 0, w, h) or img.info.get("interlace") or "exif" in img.info:
+        return False
+    tile = (t[0], (0, 0, w, rows), *t[2:])
+    img.tile = [ImageFile._Tile(*tile) if hasattr(ImageFile, "_Tile") else tile]
+    return True
+
+
+def load_image(
+    path, max_pixels: int = MAX_PIXELS, name: str | None = None, rows: int | None = None
+) -> Image.Image:
     """Open ``path`` (a path, ``bytes`` or a binary file object) as an 8-bit RGB PIL image with EXIF
     orientation applied.
+
+    ``rows``: the caller uses only the first ``rows`` rows (a crop above them follows, as the training loader's at
+    scale 1): a plain PNG from a path or bytes then stops decoding there and the rows below are undefined.
 
     Raises :class:`ImageLoadError` naming the file (or ``name``) for a missing, empty, corrupt, truncated,
     oversized or non-image file.
     """
+    original = path
     if isinstance(path, (bytes, bytearray, memoryview)):
         if len(path) == 0:
             raise ImageLoadError(f"{name or '<bytes>'}: empty image data (0 bytes)")
@@ -67,6 +87,7 @@ def load_image(path, max_pixels: int = MAX_PIXELS, name: str | None = None) -> I
         path = name or "<bytes>"
     elif hasattr(path, "read"):
         source, path = path, name or getattr(path, "name", "<stream>")
+        rows = None  # a stream is read once
     else:
         path = os.fspath(path)
         if not os.path.exists(path):
@@ -81,8 +102,11 @@ def load_image(path, max_pixels: int = MAX_PIXELS, name: str | None = None) -> I
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageLoadError(f"{path}: {w}x{h} is over the {max_pixels}-pixel limit")
+                partial = _stop_after(img, rows)
                 img.load()
                 if exif_orientation(img) != 1:
+                    if partial:  # an eXIf chunk after the pixels: the rows were those of the unrotated image
+                        return load_image(original, max_pixels, name)
                     img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
     except ImageLoadError:

@@ -111,8 +111,9 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         if cache is not None and cache.has_latents:
             out["latent_params"] = cache.latent(rec.key, plan.flip)
         elif self.with_pixels:
-            if image is None:
-                image = load_image(rec.image)
+            if image is None:  # at scale 1 only the rows down to the crop's bottom are decoded
+                exact = plan.resized == (plan.width, plan.height)
+                image = load_image(rec.image, rows=plan.top + plan.target[1] if exact else None)
             out["pixel_values"] = to_chw_uint8(apply_image(image, plan))
         kps = transform_kps(rec.kps, plan)
         out["kps_image"] = to_chw_uint8(kps_image(kps, plan))

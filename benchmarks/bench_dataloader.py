@@ -1,9 +1,10 @@
 """Data-loader throughput: our training loader vs a faithful re-implementation of MFaceTech's.
 
-    python benchmarks/bench_dataloader.py [--num_images 32] [--workers 2] [--resolution 1024]
+    python benchmarks/bench_dataloader.py [--num_images 48] [--workers 2] [--resolution 1024] [--rounds 3]
 
 Writes ``num_images`` 1024×1280 photo-like PNGs (plus embeddings) to a temp folder, then times both loaders
-(``DataLoader``, ``workers`` processes, batch size 2) over one pass after a warm-up batch and prints samples/s.
+(``DataLoader``, ``workers`` processes, batch size 2), alternating for ``rounds`` passes each, and prints samples/s
+per pass (after a warm-up batch), the medians, and CPU time per sample (workers included).
 
 The MFaceTech loader (``utils``-free, torchvision replaced by PIL/numpy equivalents) does what its
 ``MyDataset.__getitem__`` does: open the image, draw the keypoints on a float64 full-resolution canvas with a
@@ -165,14 +166,26 @@ def make_data(root: Path, n: int, size=(1024, 1280)) -> tuple[Path, Path]:
     return root / "ours.jsonl", root / "mft.jsonl"
 
 
-def time_loader(loader) -> float:
-    """samples/s over one pass, after the first batch (so worker start-up is not counted)."""
+def _cpu_seconds() -> float:
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_loader(loader) -> tuple[float, float]:
+    """(samples/s over one pass after the first batch, so worker start-up is not counted; CPU ms per sample of the
+    whole pass, workers included: they are reaped when the pass ends)."""
+    c0 = _cpu_seconds()
     it = iter(loader)
-    next(it)
-    n, t0 = 0, time.perf_counter()
+    first = next(it)
+    n0 = n = len(next(iter(first.values())))
+    t0 = time.perf_counter()
     for batch in it:
         n += len(next(iter(batch.values())))
-    return n / (time.perf_counter() - t0)
+    rate = (n - n0) / (time.perf_counter() - t0)
+    del it, first, batch
+    return rate, (_cpu_seconds() - c0) / n * 1000
 
 
 def main(argv=None):
@@ -181,6 +194,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--rounds", type=int, default=3, help="the two loaders alternate, this many passes each")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from transformers import CLIPTokenizer
@@ -219,15 +233,27 @@ def main(argv=None):
         for i in range(8):
             mft[i]
         mft_one = (time.perf_counter() - t0) / 8
-        mft_rate = time_loader(mft_loader())
-        ours_rate = time_loader(ours_loader())
+        rows = {"MFaceTech": [], "ours": []}
+        for _ in range(args.rounds):  # interleaved, so a change in the machine's load hits both alike
+            rows["MFaceTech"].append(time_loader(mft_loader()))
+            rows["ours"].append(time_loader(ours_loader()))
+    med = {k: float(np.median([r[0] for r in v])) for k, v in rows.items()}
+    cpu = {k: float(np.median([r[1] for r in v])) for k, v in rows.items()}
     print(
-        f"1024x1280 PNG -> {args.resolution}px, {args.workers} workers, batch {args.batch_size}, {args.num_images} images"
+        f"1024x1280 PNG -> {args.resolution}px, {args.workers} workers, batch {args.batch_size}, "
+        f"{args.num_images} images, {args.rounds} interleaved rounds, cpus: {os.cpu_count()}, "
+        f"load avg {' / '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     print(f"  per sample (1 process): MFaceTech {mft_one * 1000:7.1f} ms   ours {ours_one * 1000:7.1f} ms")
-    print(f"  loader throughput:      MFaceTech {mft_rate:7.2f} samples/s   ours {ours_rate:7.2f} samples/s")
-    print(f"  speed-up: {ours_rate / mft_rate:.2f}x")
-    return mft_rate, ours_rate
+    print(f"  {'loader':10s} {'samples/s per round':>26s} {'median':>8s} {'CPU ms/sample':>14s}")
+    for k, v in rows.items():
+        per = " / ".join(f"{r[0]:.1f}" for r in v)
+        print(f"  {k:10s} {per:>26s} {med[k]:8.1f} {cpu[k]:14.1f}")
+    print(
+        f"  speed-up (median samples/s): {med['ours'] / med['MFaceTech']:.2f}x;"
+        f" CPU time per sample: {cpu['MFaceTech'] / cpu['ours']:.2f}x less"
+    )
+    return med["MFaceTech"], med["ours"]
 
 
 if __name__ == "__main__":

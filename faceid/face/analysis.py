@@ -1,7 +1,8 @@
 """Face analysis in one place: what ``get_face_info.py``, inference, training-data preparation and evaluation use.
 
-:class:`FaceAnalyzer` loads ``root/models/<name>`` (antelopev2) through insightface's own ``FaceAnalysis`` (so the
-model routing is insightface's), quietly, on the right providers, and adds what the official scripts lack:
+:class:`FaceAnalyzer` loads ``root/models/<name>`` (antelopev2) the way insightface's ``FaceAnalysis`` does (its own
+``ModelRouter`` and model classes, so the routing and the numbers are insightface's), quietly, on the right
+providers, each ONNX session built once, and adds what the official scripts lack:
 
 * the largest face by real bbox area ``(x2 - x1) * (y2 - y1)`` (the official snippets' key
   ``(b[2]-b[0])*b[3]-b[1]`` has an operator-precedence bug and can pick a smaller face);
@@ -167,7 +168,7 @@ def _as_bgr(image) -> np.ndarray:
 
 
 class FaceAnalyzer:
-    """insightface ``FaceAnalysis`` on ``root/models/<name>``, set up once and used everywhere.
+    """insightface's models of ``root/models/<name>`` (as ``FaceAnalysis`` loads them), set up once, used everywhere.
 
     ``det_size`` is the first detector size; ``retry_sizes`` the smaller sizes tried in order when it finds nothing
     (default: the sizes of :data:`DEFAULT_RETRY_SIZES` below ``det_size``; ``()`` disables retries).
@@ -188,8 +189,6 @@ class FaceAnalyzer:
         rec_batch_size: int = 64,
         intra_op_threads: int | None = None,
     ):
-        from insightface.app import FaceAnalysis
-
         self.root = Path(root)
         self.model_dir = self.root / "models" / name
         if not glob.glob(str(self.model_dir / "*.onnx")):
@@ -216,42 +215,56 @@ class FaceAnalyzer:
         self.rec_batch_size = max(1, int(rec_batch_size))
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with quiet:
-            try:
-                self.app = FaceAnalysis(
-                    name=name,
-                    root=str(self.root),
-                    allowed_modules=list(allowed_modules) if allowed_modules else None,
-                    providers=self.providers,
-                    provider_options=provider_options,
+            self.models = self._load_models(allowed_modules, provider_options, intra_op_threads)
+        if "detection" not in self.models:
+            raise NoFaceModelError(f"{self.model_dir}: no detection model found among the .onnx files")
+        self.det_model = self.models["detection"]
+        self.rec_model = self.models.get("recognition")
+        # Each session is built once, on its final providers; ctx_id < 0 would make prepare() rebuild it for CPU.
+        for task, model in self.models.items():
+            if task == "detection":
+                model.prepare(
+                    max(ctx_id, 0), input_size=(self.det_size, self.det_size), det_thresh=det_thresh
                 )
-            except AssertionError as exc:
-                raise NoFaceModelError(
-                    f"{self.model_dir}: no detection model found among the .onnx files"
-                ) from exc
-            self.app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=(self.det_size, self.det_size))
-        self.det_model = self.app.det_model
-        self.rec_model = self.app.models.get("recognition")
-        if intra_op_threads:
-            self._rebuild_sessions(int(intra_op_threads), provider_options)
+            else:
+                model.prepare(max(ctx_id, 0))
         batch_dim = self.rec_model.input_shape[0] if self.rec_model is not None else 1
         self._rec_batched = not isinstance(batch_dim, int) or batch_dim != 1
 
-    def _rebuild_sessions(self, threads: int, provider_options) -> None:
-        """Recreate the ONNX sessions (same files, same routing) with ``threads`` intra-op threads and no spinning,
-        for throughput with several images in flight (dataset mode on CPU)."""
+    def _load_models(self, allowed_modules, provider_options, threads: int | None) -> dict:
+        """insightface ``FaceAnalysis``'s loading (its ``ModelRouter`` on each ``*.onnx`` in name order, the first
+        model of each task kept), with every session created once: FaceAnalysis cannot pass session options, so
+        setting threads meant a second session per model, and its CPU ``prepare`` a third for the detector (~0.1 s
+        each for the tiny pack, seconds for the real one). ``threads``: intra-op threads and no spinning, for
+        throughput with several images in flight (dataset mode on CPU)."""
         import onnxruntime
+        from insightface.model_zoo.model_zoo import ModelRouter
 
+        onnxruntime.set_default_logger_severity(3)
         opts = onnxruntime.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for model in self.app.models.values():
-            model.session = onnxruntime.InferenceSession(
-                model.model_file,
-                sess_options=opts,
-                providers=self.providers,
-                provider_options=provider_options,
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        allowed = set(allowed_modules) if allowed_modules else None
+        models: dict = {}
+        for onnx_file in sorted(glob.glob(str(self.model_dir / "*.onnx"))):
+            model = ModelRouter(onnx_file).get_model(
+                providers=self.providers, provider_options=provider_options, sess_options=opts
             )
+            if model is None:
+                print("model not recognized:", onnx_file)
+            elif (allowed is None or model.taskname in allowed) and model.taskname not in models:
+                print(
+                    "find model:",
+                    onnx_file,
+                    model.taskname,
+                    model.input_shape,
+                    model.input_mean,
+                    model.input_std,
+                )
+                models[model.taskname] = model
+        return models
 
     # ----------------------------------------------------------------------------------------------- detection
     def detect(self, bgr: np.ndarray) -> Detections:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from faceid.errors import InputError
-from faceid.face.images import MAX_PIXELS, ImageLoadError, load_image, to_bgr
+from faceid.face.images import MAX_PIXELS, ImageLoadError, enable_arrow, load_image, to_bgr
 from faceid.prep.parts import PartStore, durable_write, merge
 from faceid.prep.sources import SourceItem, iter_source_items
 
@@ -174,6 +174,7 @@ class RankRunner:
         self.counts: Counter = Counter()
         self.seq = self.store.next_seq(world, rank)
         self.last_commit = time.monotonic()
+        enable_arrow()  # RGB→BGR from PIL's storage without a copy (faceid.face.images.to_bgr)
 
     # ------------------------------------------------------------------------------------------ records
     def _base(self, item: SourceItem) -> dict:

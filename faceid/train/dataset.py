@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from faceid.face.images import load_image
+from faceid.face.images import enable_arrow, load_image
 from faceid.schema import EMBEDDING_DIM
 from faceid.train.records import Record, ReferencePicker, load_embedding, sample_rng
 from faceid.train.transforms import (
@@ -62,6 +62,7 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         self.with_pixels = with_pixels
         # faceid.train.disk_cache.DiskCache: latents/text embeddings instead of pixels/captions to encode
         self.disk_cache = disk_cache
+        enable_arrow()  # zero-copy pixel reads; here, once, so that forked workers do not each import pyarrow
 
     def __len__(self) -> int:
         return len(self.records)
@@ -110,8 +111,9 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         if cache is not None and cache.has_latents:
             out["latent_params"] = cache.latent(rec.key, plan.flip)
         elif self.with_pixels:
-            if image is None:
-                image = load_image(rec.image)
+            if image is None:  # at scale 1 only the rows down to the crop's bottom are decoded
+                exact = plan.resized == (plan.width, plan.height)
+                image = load_image(rec.image, rows=plan.top + plan.target[1] if exact else None)
             out["pixel_values"] = to_chw_uint8(apply_image(image, plan))
         kps = transform_kps(rec.kps, plan)
         out["kps_image"] = to_chw_uint8(kps_image(kps, plan))
@@ -141,12 +143,46 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         return out
 
 
+def _hwc_view(t: torch.Tensor) -> bool:
+    """``t`` is :func:`to_chw_uint8`'s ``[3, H, W]`` view of a contiguous ``[H, W, 3]`` uint8 array."""
+    if t.dtype != torch.uint8 or t.dim() != 3 or t.shape[0] != 3:
+        return False
+    c, h, w = t.shape
+    return t.stride() == (1, w * c, c)
+
+
 def collate(examples: list[dict]) -> dict:
-    """Stack tensors, keep strings/ints as lists (the batch's bookkeeping: index, ref_index, epoch...)."""
+    """Stack tensors, keep strings/ints as lists (the batch's bookkeeping: index, ref_index, epoch...).
+
+    In a worker process the stacked tensors are written straight into shared memory (as torch's
+    ``default_collate`` does), so handing the batch to the training process does not copy it once more; images
+    (``[3, H, W]`` views of ``[H, W, 3]`` arrays) are split into their planes there by OpenCV, one vectorised pass
+    instead of torch's strided copy."""
+    import cv2
+
+    shared = torch.utils.data.get_worker_info() is not None
     out = {}
     for k in examples[0]:
         vals = [e[k] for e in examples]
-        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+        if not isinstance(vals[0], torch.Tensor):
+            out[k] = vals
+            continue
+        first = vals[0]
+        if any(v.shape != first.shape or v.dtype != first.dtype for v in vals):
+            out[k] = torch.stack(vals)  # raises the usual message
+            continue
+        if shared:
+            storage = first._typed_storage()._new_shared(len(vals) * first.numel(), device=first.device)
+            dest = first.new(storage).resize_(len(vals), *first.shape)
+        else:
+            dest = torch.empty((len(vals), *first.shape), dtype=first.dtype)
+        if first.numel() and all(_hwc_view(v) for v in vals):
+            planes = dest.numpy()
+            for b, v in enumerate(vals):
+                cv2.split(v.permute(1, 2, 0).numpy(), list(planes[b]))
+        else:
+            torch.stack(vals, out=dest)
+        out[k] = dest
     return out
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from faceid.face.images import rgbx_view
 from faceid.face.kps import draw_kps_array, flip_kps, scale_kps
 
 # SDXL's standard ~1 MP bucket set (width, height), for 1024 px training.
@@ -98,18 +99,31 @@ def transform_kps(kps, plan: CropPlan) -> np.ndarray:
 
 
 def apply_image(image: Image.Image, plan: CropPlan, reducing_gap: float | None = 3.0) -> np.ndarray:
-    """Resize only the crop box straight to the target size (same mapping as resize-then-crop); ``[H, W, 3]``."""
-    sx = plan.width / plan.resized[0]
-    sy = plan.height / plan.resized[1]
-    tw, th = plan.target
-    box = (plan.left * sx, plan.top * sy, (plan.left + tw) * sx, (plan.top + th) * sy)
+    """Resize only the crop box straight to the target size (same mapping as resize-then-crop); contiguous
+    ``[H, W, 3]`` uint8.
+
+    At scale 1 (the source's short side is already the target's) the bilinear weights are exactly 1 at integer
+    offsets, so the result is the crop itself: taken from the pixels without a resampling pass. The pixels are read
+    from PIL's own storage when it allows (:func:`faceid.face.images.rgbx_view`), not through ``np.array``."""
+    import cv2
+
     if image.size != (plan.width, plan.height):
         raise ValueError(f"image is {image.size}, plan expects {(plan.width, plan.height)}")
-    out = image.resize((tw, th), Image.BILINEAR, box=box, reducing_gap=reducing_gap)
-    arr = np.array(out)
-    if plan.flip:
-        arr = arr[:, ::-1]
-    return np.ascontiguousarray(arr)
+    tw, th = plan.target
+    if plan.resized == (plan.width, plan.height):
+        src, rows, cols = image, slice(plan.top, plan.top + th), slice(plan.left, plan.left + tw)
+    else:
+        sx = plan.width / plan.resized[0]
+        sy = plan.height / plan.resized[1]
+        box = (plan.left * sx, plan.top * sy, (plan.left + tw) * sx, (plan.top + th) * sy)
+        src = image.resize((tw, th), Image.BILINEAR, box=box, reducing_gap=reducing_gap)
+        rows, cols = slice(None), slice(None)
+    view = rgbx_view(src)
+    if view is not None:
+        arr = cv2.cvtColor(view[rows, cols], cv2.COLOR_RGBA2RGB)
+    else:
+        arr = np.ascontiguousarray(np.asarray(src)[rows, cols])
+    return cv2.flip(arr, 1) if plan.flip else arr
 
 
 def kps_image(kps_transformed, plan: CropPlan) -> np.ndarray:
@@ -145,7 +159,7 @@ def tokenize(tokenizer, text: str | list[str]):
 def to_chw_uint8(arr: np.ndarray):
     """uint8 ``[H, W, 3]`` → uint8 ``[3, H, W]`` tensor (a view). Loaders hand over uint8 — 4× less to move
     between worker processes than float32 — and :func:`pixels_to_float`/:func:`cond_to_float` convert on the
-    training device."""
+    training device. :func:`faceid.train.dataset.collate` writes the planes of such views straight into the batch."""
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 

@@ -76,7 +76,20 @@ def test_one_face(analyzer):
     assert 0.5 < res.det_score <= 1.0
 
 
-def test_input_kinds_agree_and_match_official_get(analyzer, tmp_path):
+def _insightface_app(root):
+    """insightface's own FaceAnalysis on the same pack (the official scripts' path), as a reference."""
+    import contextlib
+    import io
+
+    from insightface.app import FaceAnalysis
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        app = FaceAnalysis(name="antelopev2", root=str(root), providers=["CPUExecutionProvider"])
+        app.prepare(ctx_id=-1, det_size=(640, 640))
+    return app
+
+
+def test_input_kinds_agree_and_match_official_get(analyzer, tiny_face_root, tmp_path):
     img = face_image()
     path = tmp_path / "f.png"
     img.save(path)
@@ -86,7 +99,7 @@ def test_input_kinds_agree_and_match_official_get(analyzer, tmp_path):
     for r in (b, c):
         assert np.allclose(r.embedding, a.embedding, atol=1e-5) and np.allclose(r.kps, a.kps)
     # Same numbers as insightface's own FaceAnalysis.get (per-face recognition path).
-    faces = analyzer.app.get(to_bgr(img))
+    faces = _insightface_app(tiny_face_root).get(to_bgr(img))
     assert len(faces) == 1
     assert np.allclose(faces[0].embedding, a.embedding, atol=1e-4)
     assert np.allclose(faces[0].kps, a.kps)

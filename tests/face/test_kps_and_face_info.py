@@ -133,3 +133,59 @@ def test_load_image_from_bytes_and_streams(tmp_path):
         load_image(b"not an image", name="shard-0:12.png")
     with pytest.raises(ImageLoadError, match="empty image data"):
         load_image(b"")
+
+
+def test_array_conversions_equal_numpy_on_every_path():
+    """to_bgr / to_rgb_array read PIL's storage through Arrow when they can (RGB in one block) and fall back
+    otherwise (other modes; an image over PIL's 16 MB block, stored in several blocks): the bytes of the numpy definitions."""
+    from faceid.face.images import enable_arrow, rgbx_view, to_bgr, to_rgb_array
+
+    arrow = enable_arrow()  # True with pyarrow and Pillow ≥ 11.2 (as installed here); older Pillow: fallbacks
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    big = Image.fromarray(
+        np.broadcast_to(rng.integers(0, 256, (1, 2048, 3), dtype=np.uint8), (2100, 2048, 3))
+    )
+    gray = Image.fromarray(rng.integers(0, 256, (9, 7), dtype=np.uint8), "L")
+    assert (rgbx_view(small) is not None) == arrow and rgbx_view(big) is None and rgbx_view(gray) is None
+    for img in (small, big, gray):
+        ref = np.asarray(img.convert("RGB"))
+        bgr, rgb = to_bgr(img), to_rgb_array(img)
+        assert bgr.flags.c_contiguous and rgb.flags.c_contiguous and rgb.flags.writeable
+        np.testing.assert_array_equal(bgr, ref[:, :, ::-1])
+        np.testing.assert_array_equal(rgb, ref)
+
+
+def test_load_image_rows_decodes_the_top_of_a_png_only():
+    """``rows``: the top rows are the full decode's; an EXIF rotation (its chunk before or after the pixels) still
+    gives the whole rotated image; a stream ignores it."""
+    import io
+    import struct
+
+    from faceid.face.images import load_image
+
+    arr = np.random.default_rng(1).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    plain = buf.getvalue()
+    top = np.asarray(load_image(plain, rows=25))
+    assert top.shape == (40, 30, 3) and np.array_equal(top[:25], arr[:25])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", exif=exif.tobytes())
+    before = buf.getvalue()
+    chunks, pos = [], 8  # the same file with its eXIf chunk moved after the pixel data
+    while pos < len(before):
+        (n,) = struct.unpack(">I", before[pos : pos + 4])
+        chunks.append(before[pos : pos + 12 + n])
+        pos += 12 + n
+    ex = next(c for c in chunks if c[4:8] == b"eXIf")
+    rest = [c for c in chunks if c is not ex]
+    after = before[:8] + b"".join(rest[:-1]) + ex + rest[-1]
+    full = np.asarray(load_image(before))
+    assert full.shape == (30, 40, 3)
+    for data in (before, after):
+        np.testing.assert_array_equal(np.asarray(load_image(data, rows=10)), full)
+    np.testing.assert_array_equal(np.asarray(load_image(io.BytesIO(plain), rows=5)), arr)

@@ -237,3 +237,31 @@ def test_collate_and_read_records_report_parse_errors(tmp_path):
     assert len(records) == 1 and bad and "x.jsonl:2" in bad[0][0]
     out = collate([{"a": torch.zeros(2), "b": "s"}, {"a": torch.ones(2), "b": "t"}])
     assert out["a"].shape == (2, 2) and out["b"] == ["s", "t"]
+
+
+def test_loader_batches_equal_an_independent_computation(tmp_path):
+    """What the trainer consumes, through a worker process (shared-memory collate, planes split by OpenCV, crop
+    at scale 1 without resampling, pixels read from PIL's storage), equals PIL's resize of the crop box, mirrored
+    and made channel-first with numpy: contiguous uint8 [B, 3, H, W], the same bytes."""
+    from faceid.face.images import load_image
+
+    records, _ = load_checked_records(str(make_index_dataset(tmp_path)))  # 64×80 / 80×64: scale 1 at 64 px
+    ds = FaceTrainDataset(records, resolution=64, random_crop=True, flip_prob=0.5, seed=3)
+    batches = [[(i, e), (j, e)] for e in range(2) for i, j in ((0, 1), (2, 3), (4, 5))]
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=1, collate_fn=collate)
+    scale_one = flips = 0
+    for pairs, batch in zip(batches, loader):
+        assert batch["pixel_values"].is_contiguous() and batch["pixel_values"].dtype == torch.uint8
+        for b, (i, e) in enumerate(pairs):
+            plan, r = ds.plan(i, e), records[i]
+            sx, sy = plan.width / plan.resized[0], plan.height / plan.resized[1]
+            box = (plan.left * sx, plan.top * sy, (plan.left + 64) * sx, (plan.top + 64) * sy)
+            img = np.array(load_image(r.image).resize((64, 64), Image.BILINEAR, box=box, reducing_gap=3.0))
+            kps = draw_kps_array((64, 64), transform_kps(r.kps, plan))
+            if plan.flip:
+                img = img[:, ::-1]
+            np.testing.assert_array_equal(batch["pixel_values"][b].numpy(), img.transpose(2, 0, 1))
+            np.testing.assert_array_equal(batch["kps_image"][b].numpy(), kps.transpose(2, 0, 1))
+            scale_one += plan.resized == (r.width, r.height)
+            flips += plan.flip
+    assert scale_one >= 4 and 0 < flips < 12

@@ -48,6 +48,22 @@ def plain(runs):
     return runs("plain", "--optimizer_impl", "for-loop")  # what auto picks on the CPU
 
 
+# Mixed precision as on GPUs: the frozen UNet in bf16 under autocast, IdentityNet fp32 (two input dtypes).
+COMPILED = (
+    "--optimizer_impl",
+    "for-loop",
+    "--mixed_precision",
+    "bf16",
+    "--compile",
+    "--compile_backend",
+    "aot_eager",
+)
+
+
+def plain_bf16(runs):
+    return runs("plain_bf16", "--optimizer_impl", "for-loop", "--mixed_precision", "bf16")
+
+
 def weights(folder: Path) -> dict:
     image_proj, ip = read_adapter(folder / "ip-adapter.bin")
     cn = load_file(str(folder / "ControlNetModel" / "diffusion_pytorch_model.safetensors"))
@@ -62,10 +78,11 @@ def test_compiled_steps_give_the_eager_losses(runs):
         "compiled", "--optimizer_impl", "for-loop", "--compile", "--compile_backend", "aot_eager"
     )
     _, _, eager = plain(runs)
-    # Both forwards were captured as graphs (a silent fall-back to eager would make the comparison empty).
+    # Both forwards were captured as graphs (a silent fall-back to eager would make the comparison empty), once:
+    # a guard that fails every step (e.g. on a tensor's id()) would recompile every step.
     assert set(res.model.forwards) == {"unet", "controlnet"}
     assert all(isinstance(f, torch._dynamo.eval_frame.OptimizedModule) for f in res.model.forwards.values())
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert len(losses) == 3 and len(set(losses)) == 3
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager), rtol=LOSS_RTOL, atol=0)
 
@@ -92,6 +109,25 @@ def test_channels_last_gives_the_eager_losses(runs):
     assert res.parts["vae"].encoder.conv_in.weight.is_contiguous(memory_format=cl)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager), rtol=LOSS_RTOL, atol=0)
     assert sorted(weights(out)) == sorted(weights(ref))  # NHWC weights are saved packed, under the same keys
+
+
+def test_attention_compiles_once_for_new_tensors():
+    """The attention processors under torch.compile: a new context tensor each step must not recompile (an id()
+    of it in a cache key did, in the GPU check's step)."""
+    from diffusers.models.attention_processor import Attention
+
+    from ip_adapter.attention_processor import AttnProcessor
+
+    attn = Attention(query_dim=8, cross_attention_dim=4, heads=2, dim_head=4, processor=AttnProcessor())
+    compiled = torch.compile(attn, backend="eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for _ in range(3):
+        x, context = torch.randn(1, 5, 8), torch.randn(1, 3, 4)
+        torch.testing.assert_close(
+            compiled(x, encoder_hidden_states=context), attn(x, encoder_hidden_states=context)
+        )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_adamw_implementations_give_the_for_loop_weights():

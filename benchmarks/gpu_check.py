@@ -1,6 +1,6 @@
 """GPU check: inference, training-step and face-analysis figures of InstantID on this machine, in one table.
 
-    bash benchmarks/gpu_check.sh                      # CUDA: real-size SDXL with random weights, ~10 min
+    bash benchmarks/gpu_check.sh                      # CUDA: real-size SDXL with random weights, ~15 min
     python benchmarks/gpu_check.py --reduced          # any machine: the tiny models, seconds (what the tests run)
 
 Full version (CUDA): the real-size SDXL UNet, IdentityNet, face adapter, VAE and both text encoders are built from
@@ -10,13 +10,18 @@ configs/sdxl/*.json with random weights (nothing is downloaded) and measured as
   that dtype, trained parts fp32, VAE encode and both text encoders inside the step as without caches) for each
   memory configuration of ``bench_memory.py``: adapter only / everything × gradient checkpointing × AdamW /
   AdamW8bit; the second of two steps is timed, the peak is ``torch.cuda.max_memory_allocated`` over both;
+* **speed** — the step of ``train_instantId_sdxl.py --compile / --channels_last / --optimizer_impl`` (IdentityNet +
+  adapter trained, gradient checkpointing): plain (PyTorch's AdamW default: foreach on CUDA), fused AdamW,
+  channels-last, compile (inductor), all three; s/step = median of 3 steps after 2 warm-up ones (the first compiles:
+  ``extra.first_step_s``), peak over all five, ``extra.x_plain`` = ratio to the plain row;
 * **infer** — one 1024² image, 30 Euler steps, CFG, fp16, for the presets none / VAE slicing + tiling /
   ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload`` (s/image after a warm-up, peak allocated);
 * **face** — ``get_face_info.py`` dataset mode over synthetic 1024-px images with the tiny antelopev2 pack on the
   provider it picks (CUDA when onnxruntime offers it): images/s.
 
 Reduced version (``--reduced``, the default without CUDA): the tiny models of ``download.py --tiny`` at 64 px,
-2 steps, CPU; peaks are the process's peak resident memory (``VmHWM``) instead. Out of memory in one row is
+2 steps, CPU; peaks are the process's peak resident memory (``VmHWM``) instead; the compile rows are skipped there
+unless ``--compile_backend`` names one (inductor compiles for minutes on a CPU). Out of memory in one row is
 recorded as ``OOM`` and the check goes on. ``--json F`` writes the rows.
 """
 

@@ -19,9 +19,8 @@ step"), shared by the trainer and ``benchmarks/gpu_check.py``.
 from __future__ import annotations
 
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for-loop")
-COMPILE_BACKEND = (
-    "inductor"  # what --compile uses; the tests use "aot_eager" (same capture, no code generation)
-)
+# What --compile uses; the tests use "aot_eager" (the same graph capture, no code generation).
+COMPILE_BACKEND = "inductor"
 
 
 def apply_flags(args, model, vae) -> None:

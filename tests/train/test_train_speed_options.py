@@ -49,15 +49,7 @@ def plain(runs):
 
 
 # Mixed precision as on GPUs: the frozen UNet in bf16 under autocast, IdentityNet fp32 (two input dtypes).
-COMPILED = (
-    "--optimizer_impl",
-    "for-loop",
-    "--mixed_precision",
-    "bf16",
-    "--compile",
-    "--compile_backend",
-    "aot_eager",
-)
+COMPILED = ("--optimizer_impl", "for-loop", "--mixed_precision", "bf16", "--compile", "--compile_backend", "aot_eager")  # fmt: skip
 
 
 def plain_bf16(runs):
@@ -74,10 +66,8 @@ def weights(folder: Path) -> dict:
 def test_compiled_steps_give_the_eager_losses(runs):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    res, _, losses = runs(
-        "compiled", "--optimizer_impl", "for-loop", "--compile", "--compile_backend", "aot_eager"
-    )
-    _, _, eager = plain(runs)
+    res, _, losses = runs("compiled", *COMPILED)
+    _, _, eager = plain_bf16(runs)
     # Both forwards were captured as graphs (a silent fall-back to eager would make the comparison empty), once:
     # a guard that fails every step (e.g. on a tensor's id()) would recompile every step.
     assert set(res.model.forwards) == {"unet", "controlnet"}
@@ -88,10 +78,8 @@ def test_compiled_steps_give_the_eager_losses(runs):
 
 
 def test_compiled_run_saves_the_modules_own_keys(runs):
-    _, out, _ = runs(
-        "compiled", "--optimizer_impl", "for-loop", "--compile", "--compile_backend", "aot_eager"
-    )
-    _, ref, _ = plain(runs)
+    _, out, _ = runs("compiled", *COMPILED)
+    _, ref, _ = plain_bf16(runs)
     for sub in ("checkpoint-2", "."):
         got, want = weights(out / sub), weights(ref / sub)
         assert sorted(got) == sorted(want) and not any("_orig_mod" in k for k in got)

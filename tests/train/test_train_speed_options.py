@@ -48,12 +48,7 @@ def plain(runs):
     return runs("plain", "--optimizer_impl", "for-loop")  # what auto picks on the CPU
 
 
-# Mixed precision as on GPUs: the frozen UNet in bf16 under autocast, IdentityNet fp32 (two input dtypes).
-COMPILED = ("--optimizer_impl", "for-loop", "--mixed_precision", "bf16", "--compile", "--compile_backend", "aot_eager")  # fmt: skip
-
-
-def plain_bf16(runs):
-    return runs("plain_bf16", "--optimizer_impl", "for-loop", "--mixed_precision", "bf16")
+COMPILED = ("--optimizer_impl", "for-loop", "--compile", "--compile_backend", "aot_eager")
 
 
 def weights(folder: Path) -> dict:
@@ -67,7 +62,7 @@ def test_compiled_steps_give_the_eager_losses(runs):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     res, _, losses = runs("compiled", *COMPILED)
-    _, _, eager = plain_bf16(runs)
+    _, _, eager = plain(runs)
     # Both forwards were captured as graphs (a silent fall-back to eager would make the comparison empty), once:
     # a guard that fails every step (e.g. on a tensor's id()) would recompile every step.
     assert set(res.model.forwards) == {"unet", "controlnet"}
@@ -79,7 +74,7 @@ def test_compiled_steps_give_the_eager_losses(runs):
 
 def test_compiled_run_saves_the_modules_own_keys(runs):
     _, out, _ = runs("compiled", *COMPILED)
-    _, ref, _ = plain_bf16(runs)
+    _, ref, _ = plain(runs)
     for sub in ("checkpoint-2", "."):
         got, want = weights(out / sub), weights(ref / sub)
         assert sorted(got) == sorted(want) and not any("_orig_mod" in k for k in got)

@@ -20,7 +20,7 @@ import math
 import os
 from types import SimpleNamespace
 
-from faceid.train import config
+from faceid.train import config, speed
 from faceid.train.config import TrainHooks
 from faceid.train.steps import (
     Run,
@@ -131,6 +131,17 @@ def parse_args(argv=None):
     g.add_argument("--autocast_cache", action=B, default=True,
                    help="autocast keeps each trained weight's bf16/fp16 copy until the forward ends (3.35 GB for "
                         "IdentityNet + adapter); --no-autocast_cache casts per use instead (24 GB preset)")  # fmt: skip
+    g.add_argument("--optimizer_impl", default="auto", choices=speed.OPTIMIZER_IMPLS,
+                   help="torch AdamW's implementation; auto: fused on CUDA, else PyTorch's default (not for "
+                        "--use_8bit_adam)")  # fmt: skip
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and IdentityNet forward (the first step compiles: minutes)")  # fmt: skip
+    g.add_argument("--compile_mode", default="default",
+                   help="torch.compile mode: default, max-autotune-no-cudagraphs, ...")  # fmt: skip
+    g.add_argument("--compile_backend", default=speed.COMPILE_BACKEND,
+                   help="torch.compile backend (aot_eager: the same graph capture without code generation)")  # fmt: skip
+    g.add_argument("--channels_last", action="store_true",
+                   help="UNet, IdentityNet and VAE convolutions in NHWC memory format (faster on GPUs)")  # fmt: skip
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", "--weight_decay", type=float, default=1e-2)
@@ -227,6 +238,10 @@ def check_args(args) -> None:
             raise TrainingInputError(
                 "--precomputed_cache replaces --cache_latents/--cache_text_embeddings: drop them"
             )
+    if args.use_8bit_adam and args.optimizer_impl != "auto":
+        raise TrainingInputError(
+            "--optimizer_impl chooses torch AdamW's implementation: drop it with --use_8bit_adam"
+        )
     if not (args.train_identitynet or args.train_resampler or args.train_ip_layers):
         raise TrainingInputError("nothing to train: enable at least one of IdentityNet, Resampler, IP layers")
     if args.use_ema and not 0.0 <= args.ema_decay < 1.0:

@@ -54,6 +54,8 @@ USE_EMA=${USE_EMA:-0}                        # 1: EMA of the trained weights, ex
 EMA_DECAY=${EMA_DECAY:-0.9999}
 ID_LOSS_WEIGHT=${ID_LOSS_WEIGHT:-0}          # > 0: identity loss (needs models/antelopev2/glintr100.onnx)
 ID_LOSS_MAX_TIMESTEP=${ID_LOSS_MAX_TIMESTEP:-400}
+COMPILE=${COMPILE:-0}                        # 1: torch.compile UNet + IdentityNet (first step compiles for minutes)
+CHANNELS_LAST=${CHANNELS_LAST:-0}            # 1: convolutions in NHWC (faster on tensor-core GPUs); AdamW is fused on CUDA
 
 # ---- identity monitoring (docs/training.md#monitoring-identity-and-collapse; report: python report_run.py OUTPUT_DIR)
 VALIDATION_PERSONS=${VALIDATION_PERSONS:-8}  # persons held out of training, scored at every VALIDATION_STEPS; 0: off
@@ -101,6 +103,8 @@ fi
 [ -n "$RESUME" ] && args+=(--resume_from_checkpoint "$RESUME")
 [ -n "$CACHE_DIR" ] && args+=(--precomputed_cache "$CACHE_DIR")
 [ "$USE_EMA" = "1" ] && args+=(--use_ema --ema_decay "$EMA_DECAY")
+[ "$COMPILE" = "1" ] && args+=(--compile)
+[ "$CHANNELS_LAST" = "1" ] && args+=(--channels_last)
 if [ -n "$VALIDATION_INDEX" ]; then
   args+=(--validation_index "$VALIDATION_INDEX")
 else

@@ -1,12 +1,15 @@
 """Training step time on the tiny models (CPU), side by side: no cache vs the disk cache (precompute_cache.py) vs
-the in-memory cache vs gradient checkpointing, and where a step goes (data, VAE, text encoders, forward/backward,
+the in-memory cache vs gradient checkpointing vs the speed options (``--compile``, ``--channels_last``, fused /
+foreach AdamW), and where a step goes (data, VAE, text encoders, forward/backward,
 optimizer), from ``train_log.jsonl`` with ``--log_phase_times``.
 
-    python benchmarks/bench_train_step.py [--steps 20] [--resolution 64] [--batch_size 2] [--tiny DIR]
+    python benchmarks/bench_train_step.py [--steps 20] [--resolution 64] [--batch_size 2] [--repeats 2] [--tiny DIR]
 
 Runs ``train_instantId_sdxl.py`` in-process on a synthetic index (a few people, two images each) with
 ``--cross_id`` and reports medians over the steps after the first (the first includes warm-up); the disk cache's
-one-off precompute is timed apart. A bare MFaceTech-style loop is the reference for compute.
+one-off precompute is timed apart. The variants run in interleaved rounds (order reversed every other round) and
+each is reported as the median of its per-round ratios to the uncached step of the same round, so a shared
+machine's drifting load cancels. A bare MFaceTech-style loop is the reference for compute.
 """
 
 from __future__ import annotations
@@ -93,16 +96,33 @@ def mfacetech_style_step_ms(tiny: Path, resolution: int, batch: int, steps: int)
     return statistics.median(times[1:]) * 1000
 
 
+SPEED = {  # the step's speed options (faceid/train/speed.py), each against the plain uncached step
+    "compile (inductor)": ["--compile"],
+    "channels-last": ["--channels_last"],
+    "fused AdamW": ["--optimizer_impl", "fused"],
+    "foreach AdamW": ["--optimizer_impl", "foreach"],
+    "compile+channels-last+fused": ["--compile", "--channels_last", "--optimizer_impl", "fused"],
+}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument(
+        "--repeats", type=int, default=2, help="rounds over all variants (order reversed every other)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: no waits on a shared CPU)")
+    p.add_argument(
+        "--only", default=None, help="comma-separated variants (default: all); 'no cache' always runs"
+    )
     p.add_argument("--tiny", default=None, help="tiny checkpoints folder (built in a temp dir if not given)")
     args = p.parse_args(argv)
 
     import logging
 
+    import torch
     from conftest_train import make_index_dataset, tiny_args
 
     import precompute_cache
@@ -110,6 +130,7 @@ def main(argv=None):
     from faceid.tiny.models import build_tiny
 
     logging.disable(logging.WARNING)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tiny = Path(args.tiny) if args.tiny else tmp / "tiny"
@@ -126,47 +147,72 @@ def main(argv=None):
             "disk cache": ["--precomputed_cache", str(cache)],
             "memory cache": ["--cache_latents", "--cache_text_embeddings"],
             "gradient checkpointing": ["--gradient_checkpointing"],
+            **SPEED,
         }
-        print(f"tiny SDXL + IdentityNet + adapter, {args.resolution}px, batch {args.batch_size}, CPU; medians of "
-              f"{args.steps - 1} steps, ms (share of the step)")  # fmt: skip
+        if args.only:
+            keep = {"no cache", *args.only.split(",")}
+            variants = {k: v for k, v in variants.items() if k in keep}
+        print(f"tiny SDXL + IdentityNet + adapter, {args.resolution}px, batch {args.batch_size}, CPU, "
+              f"{args.threads} thread(s); medians of {args.steps - 1} steps (the first, with any compilation, "
+              f"apart), ms (share of the step); {args.repeats} interleaved rounds")  # fmt: skip
         base_ms = [mfacetech_style_step_ms(tiny, args.resolution, args.batch_size, args.steps)]
+        runs = {name: [] for name in variants}  # per round: (row values, samples/s, first step s, losses)
+        for r in range(args.repeats):
+            order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+            for name in order:
+                out = tmp / f"{name.replace(' ', '_').replace('+', '_')}-{r}"
+                argv = tiny_args(tiny, out, "--data_json_file", str(index), "--max_train_steps", str(args.steps),
+                                 "--checkpointing_steps", "0", "--cross_id", "--resolution", str(args.resolution),
+                                 "--train_batch_size", str(args.batch_size), "--no-log_samples",
+                                 "--log_phase_times", *variants[name])  # fmt: skip
+                train.main(train.parse_args(argv))
+                full = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+                log = full[1:]
+
+                def med(k, log=log):
+                    return statistics.median(e[k] for e in log) * 1000
+
+                step = med("step_time")
+                parts = [
+                    med(k) for k in ("data_time", "vae_time", "text_time", "fwd_bwd_time", "optimizer_time")
+                ]
+                vals = [step, *parts, max(0.0, step - sum(parts))]
+                sps = statistics.median(e["samples_per_sec"] for e in log)
+                best = min(e["step_time"] for e in log) * 1000  # the least disturbed step on a shared machine
+                runs[name].append((vals, sps, full[0]["step_time"], [e["loss"] for e in full], best))
         cols = ("step", "data", "VAE", "text", "fwd/bwd", "optim", "other")
-        print(f"  {'variant':24s}" + "".join(f"{c:>16s}" for c in cols) + f"{'samples/s':>11s}")
-        rows = {}
-        for name, extra in variants.items():
-            out = tmp / name.replace(" ", "_")
-            argv = tiny_args(tiny, out, "--data_json_file", str(index), "--max_train_steps", str(args.steps),
-                             "--checkpointing_steps", "0", "--cross_id", "--resolution", str(args.resolution),
-                             "--train_batch_size", str(args.batch_size), "--no-log_samples", "--log_phase_times",
-                             *extra)  # fmt: skip
-            train.main(train.parse_args(argv))
-            log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()][1:]
-
-            def med(k, log=log):
-                return statistics.median(e[k] for e in log) * 1000
-
-            step = med("step_time")
-            parts = [
-                med("data_time"),
-                med("vae_time"),
-                med("text_time"),
-                med("fwd_bwd_time"),
-                med("optimizer_time"),
-            ]
-            vals = [step, *parts, max(0.0, step - sum(parts))]
-            sps = statistics.median(e["samples_per_sec"] for e in log)
-            rows[name] = vals
-            cells = [f"{vals[0]:8.1f}" + " " * 8] + [f"{v:7.1f} ({v / step:4.0%})" for v in vals[1:]]
-            print(f"  {name:24s}" + "".join(f"{c:>16s}" for c in cells) + f"{sps:11.1f}")
-        plain_compute = rows["no cache"][0] - rows["no cache"][1]
+        print(f"  {'variant':28s}" + "".join(f"{c:>16s}" for c in cols)
+              + f"{'samples/s':>11s}{'x no cache':>12s}{'x (best)':>10s}{'1st step s':>12s}{'max dloss':>11s}")  # fmt: skip
+        plain = runs["no cache"]
+        for name, rounds in runs.items():
+            vals = [statistics.median(v[0][i] for v in rounds) for i in range(len(cols))]
+            sps = statistics.median(v[1] for v in rounds)
+            # Each round's ratio to the uncached step of the same round, then the median over rounds.
+            ratio = statistics.median(v[0][0] / b[0][0] for v, b in zip(rounds, plain))
+            best = statistics.median(v[4] / b[4] for v, b in zip(rounds, plain))
+            first = statistics.median(v[2] for v in rounds)
+            dloss = max(abs(a - b) / abs(b) for v, pv in zip(rounds, plain) for a, b in zip(v[3], pv[3]))
+            step = vals[0]
+            cells = [f"{step:8.1f}" + " " * 8] + [f"{v:7.1f} ({v / step:4.0%})" for v in vals[1:]]
+            each = "/".join(f"{v[0][0] / b[0][0]:.2f}" for v, b in zip(rounds, plain))
+            print(f"  {name:28s}" + "".join(f"{c:>16s}" for c in cells)
+                  + f"{sps:11.1f}{ratio:12.2f}{best:10.2f}{first:12.1f}{dloss:11.1e}   rounds {each}")  # fmt: skip
+        no_cache = [statistics.median(v[0][i] for v in plain) for i in range(2)]
+        plain_compute = no_cache[0] - no_cache[1]
         n_items = 8
-        print(f"  disk cache / no cache step time: {rows['disk cache'][0] / rows['no cache'][0]:.2f}; one-off "
-              f"precompute of {n_items} images + captions: {pre_s:.1f} s incl. model load")  # fmt: skip
+        if "disk cache" in runs:
+            disk = statistics.median(v[0][0] / b[0][0] for v, b in zip(runs["disk cache"], plain))
+            print(f"  disk cache / no cache step time: {disk:.2f}; one-off precompute of {n_items} images + "
+                  f"captions: {pre_s:.1f} s incl. model load")  # fmt: skip
         base_ms.append(mfacetech_style_step_ms(tiny, args.resolution, args.batch_size, args.steps))
         base = statistics.mean(base_ms)
-        print(f"  {'MFaceTech-style loop':24s} compute {base:6.1f} ms  (bare loop, no data loading; mean of a run "
+        print(f"  {'MFaceTech-style loop':28s} compute {base:6.1f} ms  (bare loop, no data loading; mean of a run "
               f"before and after: {base_ms[0]:.1f}, {base_ms[1]:.1f})")  # fmt: skip
         print(f"  plain compute / MFaceTech-style compute: {plain_compute / base:.2f}")
+        print(
+            "  x (best): the same ratio from each run's fastest step (other jobs' load only adds time); max dloss: "
+            "the largest relative difference of a step's loss from the uncached step's (same seed, data, noise)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GPU check: inference, training-step and face-analysis figures of InstantID on this machine, in one table.
 
-    bash benchmarks/gpu_check.sh                      # CUDA: real-size SDXL with random weights, ~10 min
+    bash benchmarks/gpu_check.sh                      # CUDA: real-size SDXL with random weights, ~15 min
     python benchmarks/gpu_check.py --reduced          # any machine: the tiny models, seconds (what the tests run)
 
 Full version (CUDA): the real-size SDXL UNet, IdentityNet, face adapter, VAE and both text encoders are built from
@@ -11,13 +11,18 @@ configs/sdxl/*.json with random weights (nothing is downloaded) and measured as
   memory configuration of ``bench_memory.py``: adapter only / everything × gradient checkpointing × AdamW /
   AdamW8bit; the second of two steps is timed, the peak is ``torch.cuda.max_memory_allocated`` over both; then
   the 24 GB preset (everything, checkpointing, AdamW8bit stepped in backward, autocast cache off) the same way;
+* **speed** — the step of ``train_instantId_sdxl.py --compile / --channels_last / --optimizer_impl`` (IdentityNet +
+  adapter trained, gradient checkpointing): plain (PyTorch's AdamW default: foreach on CUDA), fused AdamW,
+  channels-last, compile (inductor), all three; s/step = median of 3 steps after 2 warm-up ones (the first compiles:
+  ``extra.first_step_s``), peak over all five, ``extra.x_plain`` = ratio to the plain row;
 * **infer** — one 1024² image, 30 Euler steps, CFG, fp16, for the presets none / VAE slicing + tiling /
   ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload`` (s/image after a warm-up, peak allocated);
 * **face** — ``get_face_info.py`` dataset mode over synthetic 1024-px images with the tiny antelopev2 pack on the
   provider it picks (CUDA when onnxruntime offers it): images/s.
 
 Reduced version (``--reduced``, the default without CUDA): the tiny models of ``download.py --tiny`` at 64 px,
-2 steps, CPU; peaks are the process's peak resident memory (``VmHWM``) instead. Out of memory in one row is
+2 steps, CPU; peaks are the process's peak resident memory (``VmHWM``) instead; the compile rows are skipped there
+unless ``--compile_backend`` names one (inductor compiles for minutes on a CPU). Out of memory in one row is
 recorded as ``OOM`` and the check goes on. ``--json F`` writes the rows.
 """
 
@@ -28,6 +33,7 @@ import contextlib
 import gc
 import io
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -230,20 +236,15 @@ def train_step(pipe, model, optimizer, batch, device, wdt, sched, autocast_cache
     return time.perf_counter() - t0
 
 
-def check_train(pipe, device, wdt, resolution: int, configs=TRAIN_CONFIGS) -> list[Row]:
-    from diffusers import DDPMScheduler
-
-    from faceid.train.model import TrainModel
-
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+def train_batch(pipe, device, r: int) -> dict:
+    """One sample at ``r`` px as the step reads it: pixels, token ids, micro-conditioning, face embedding, keypoints."""
     ids = [
         tok([PROMPT], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(
             device
         )
         for tok in (pipe.tokenizer, pipe.tokenizer_2)
     ]
-    r = resolution
-    batch = dict(
+    return dict(
         pixels=torch.rand(1, 3, r, r, device=device) * 2 - 1,
         ids=ids[0],
         ids2=ids[1],
@@ -251,6 +252,15 @@ def check_train(pipe, device, wdt, resolution: int, configs=TRAIN_CONFIGS) -> li
         emb=torch.randn(1, 512, device=device),
         kps=torch.rand(1, 3, r, r, device=device),
     )
+
+
+def check_train(pipe, device, wdt, resolution: int, configs=TRAIN_CONFIGS) -> list[Row]:
+    from diffusers import DDPMScheduler
+
+    from faceid.train.model import TrainModel
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    batch = train_batch(pipe, device, resolution)
     pipe.vae.to(torch.float32)
     rows = []
     for train, ckpt, opt_name in configs:
@@ -302,6 +312,89 @@ def check_train(pipe, device, wdt, resolution: int, configs=TRAIN_CONFIGS) -> li
             if device.type == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()
+        rows.append(row)
+    for m in (pipe.unet, pipe.controlnet):
+        m.disable_gradient_checkpointing()
+    return rows
+
+
+# ---- speed options (train_instantId_sdxl.py --compile / --channels_last / --optimizer_impl) ----------------------
+SPEED_CONFIGS = {  # label -> (compile, channels_last, AdamW implementation; "default": PyTorch's for the device)
+    "plain": (False, False, "default"),
+    "fused AdamW": (False, False, "fused"),
+    "channels-last": (False, True, "default"),
+    "compile": (True, False, "default"),
+    "compile + channels-last + fused": (True, True, "fused"),
+}
+
+
+def check_speed(pipe, device, wdt, resolution: int, reduced: bool, compile_backend=None) -> list[Row]:
+    """IdentityNet + adapter trained with gradient checkpointing (the configuration of a full training), one row
+    per speed option: s/step = median of the timed steps after the warm-up ones (compilation happens in the first;
+    its seconds are ``extra.first_step_s``), peak over all of them. On the CPU (``--reduced``) compile rows are
+    skipped unless ``compile_backend`` is given: inductor compiles there for minutes (bench_train_step.py has them)."""
+    from diffusers import DDPMScheduler
+
+    from faceid.train import speed
+    from faceid.train.model import TrainModel
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    batch = train_batch(pipe, device, resolution)
+    pipe.vae.to(torch.float32)
+    warm, timed = (1, 2) if reduced else (2, 3)
+    backend = compile_backend or (None if device.type == "cpu" else speed.COMPILE_BACKEND)
+    rows, plain = [], None
+    for label, (compiled, channels_last, impl) in SPEED_CONFIGS.items():
+        row = Row("speed", f"everything, ckpt on, {label}", unit="s/step",
+                  extra=dict(compile=compiled, channels_last=channels_last))  # fmt: skip
+        if compiled and backend is None:
+            row.status = (
+                "skipped: inductor on this CPU compiles for minutes (--compile_backend aot_eager runs it)"
+            )
+            rows.append(row)
+            continue
+        optimizer, model = None, None
+        try:
+            params = _set_trained(pipe, "everything", True, wdt)
+            model = TrainModel(pipe.unet, pipe.controlnet, pipe.image_proj_model)
+            if channels_last:
+                speed.set_channels_last([pipe.unet, pipe.controlnet, pipe.vae])
+                model.channels_last = True
+            if compiled:
+                speed.compile_forwards(model, backend=backend)
+                row.extra["backend"] = backend
+            optimizer = torch.optim.AdamW(params, lr=1e-5, **({} if impl == "default" else speed.adamw_kwargs(impl, params)))  # fmt: skip
+            row.extra["optimizer"] = speed.adamw_impl_name(optimizer)
+            with Peak(device) as pk:
+                times = [
+                    train_step(pipe, model, optimizer, batch, device, wdt, sched) for _ in range(warm + timed)
+                ]
+            row.value = statistics.median(times[warm:])
+            row.peak_gb = pk.bytes / 1e9
+            row.extra["first_step_s"] = round(times[0], 3)
+            if plain is not None and plain.value:
+                row.extra["x_plain"] = round(row.value / plain.value, 3)
+            if not batch.pop("finite", True):
+                row.status = "ok (non-finite loss: random weights)"
+        except Exception as exc:  # OOM, or a compiler missing on this machine: recorded, the check goes on
+            row.status = (
+                "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            )
+        finally:
+            del optimizer
+            if model is not None:
+                speed.eager_forwards(model)
+            speed.set_channels_last([pipe.unet, pipe.controlnet, pipe.vae], on=False)
+            for m in (pipe.unet, pipe.controlnet, pipe.image_proj_model):
+                for p in m.parameters():
+                    p.grad = None
+            if compiled:
+                torch._dynamo.reset()
+            if device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+        if label == "plain":
+            plain = row
         rows.append(row)
     for m in (pipe.unet, pipe.controlnet):
         m.disable_gradient_checkpointing()
@@ -423,7 +516,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--tiny", default=None, help="tiny checkpoints folder (built when missing; default: a temp dir)"
     )
-    p.add_argument("--sections", default="train,infer,face")
+    p.add_argument("--sections", default="train,speed,infer,face")
+    p.add_argument(
+        "--compile_backend",
+        default=None,
+        help="speed rows' torch.compile backend (default: inductor on CUDA)",
+    )
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--train_resolution", type=int, default=None)
@@ -476,7 +574,7 @@ def _run(args, device, reduced, sizes, sections, infer_dtype, train_dtype, heade
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         tiny_dir = Path(args.tiny) if args.tiny else tmp / "tiny"
-        if "train" in sections or "infer" in sections:
+        if "train" in sections or "speed" in sections or "infer" in sections:
             t0 = time.perf_counter()
             if reduced:
                 pipe = tiny_pipeline(device, infer_dtype, tiny_dir)
@@ -486,6 +584,10 @@ def _run(args, device, reduced, sizes, sections, infer_dtype, train_dtype, heade
             if "train" in sections:
                 rows += check_train(pipe, device, train_dtype, sizes["train_resolution"])
                 rows += check_train(pipe, device, train_dtype, sizes["train_resolution"], PRESET_24GB_CONFIGS)
+            if "speed" in sections:
+                rows += check_speed(
+                    pipe, device, train_dtype, sizes["train_resolution"], reduced, args.compile_backend
+                )
             if "infer" in sections:
                 rows += check_infer(pipe, device, infer_dtype, sizes["resolution"], sizes["steps"])
             del pipe

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: inference (1024², 30 steps, fp16, offload presets), one training step per memory configuration and
-# get_face_info throughput, real-size SDXL with random weights (nothing downloaded), one table. ~10 min on one GPU.
+# GPU check: inference (1024², 30 steps, fp16, offload presets), one training step per memory configuration, the
+# step with compile / channels-last / fused AdamW on and off, get_face_info throughput, real-size SDXL with random
+# weights (nothing downloaded), one table. ~15 min on one GPU (estimate: the compile rows compile for minutes).
 #
 #   bash benchmarks/gpu_check.sh                         # CUDA machine, after the README's two set-up commands
 #   bash benchmarks/gpu_check.sh --json gpu_check.json   # also the rows as JSON

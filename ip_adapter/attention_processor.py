@@ -126,7 +126,9 @@ class AttnProcessor(_Base):
             batch, seq = encoder_hidden_states.shape[:2]
             key, value = _cached(
                 kv_cache,
-                (id(attn), "kv", id(encoder_hidden_states)),  # IdentityNet runs once per person
+                # IdentityNet runs once per person. No id() without a cache: torch.compile (--compile) would
+                # guard on that tensor's identity and recompile at every step.
+                None if kv_cache is None else (id(attn), "kv", id(encoder_hidden_states)),
                 encoder_hidden_states,
                 lambda: _project(attn, encoder_hidden_states),
             )

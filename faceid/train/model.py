@@ -25,13 +25,20 @@ class TrainModel(nn.Module):
         self.unet = unet
         self.controlnet = controlnet
         self.image_proj = image_proj
+        # What forward runs instead of a module, by name: its compiled forward (--compile, faceid/train/speed.py).
+        # A plain dict is not part of the module tree: state-dict keys, DDP and validation see the modules.
+        self.forwards = {}
+        self.channels_last = False  # --channels_last: the image-shaped inputs in that format too
 
     def forward(self, noisy_latents, timesteps, prompt_embeds, added_cond_kwargs, face_embeds, kps_image):
         face_tokens = self.image_proj(face_embeds.to(self.image_proj.proj_in.weight.dtype))
         face_tokens = face_tokens.to(prompt_embeds.dtype)
+        if self.channels_last:
+            noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
+            kps_image = kps_image.contiguous(memory_format=torch.channels_last)
         # One parameter's dtype: diffusers' ``ModelMixin.dtype`` walks every submodule on each access.
         cn_dtype = self.controlnet.conv_in.weight.dtype
-        down, mid = self.controlnet(
+        down, mid = self.forwards.get("controlnet", self.controlnet)(
             noisy_latents.to(cn_dtype),
             timesteps,
             encoder_hidden_states=face_tokens.to(cn_dtype),
@@ -39,7 +46,7 @@ class TrainModel(nn.Module):
             controlnet_cond=kps_image.to(cn_dtype),
             return_dict=False,
         )
-        return self.unet(
+        return self.forwards.get("unet", self.unet)(
             noisy_latents,
             timesteps,
             encoder_hidden_states=torch.cat([prompt_embeds, face_tokens], dim=1),
@@ -57,6 +64,7 @@ def load_components(args, weight_dtype, device):
     """Everything from the SDXL folder / hub id, IdentityNet, the face adapter. Trained parts stay fp32."""
     from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
+    from faceid.train import speed
     from faceid.weight_files import check_pipeline_inputs
     from ip_adapter.resampler import Resampler
     from ip_adapter.weights import (
@@ -116,7 +124,9 @@ def load_components(args, weight_dtype, device):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         controlnet.enable_gradient_checkpointing()
-    return dict(**enc, noise_scheduler=noise_scheduler, model=TrainModel(unet, controlnet, image_proj))
+    model = TrainModel(unet, controlnet, image_proj)
+    speed.apply_flags(args, model, enc["vae"])  # --channels_last, --compile
+    return dict(**enc, noise_scheduler=noise_scheduler, model=model)
 
 
 def load_encoders(args, weight_dtype, device) -> dict:

@@ -175,18 +175,19 @@ def make_optimizer(args, params, accum: int, world: int, max_steps: int):
     import torch
     from diffusers.optimization import get_scheduler
 
+    from faceid.train import speed
     from faceid.train.errors import TrainingInputError
 
     lr = args.learning_rate
     if args.scale_lr:
         lr *= accum * args.train_batch_size * world
-    opt_cls = torch.optim.AdamW
+    opt_cls, impl = torch.optim.AdamW, speed.adamw_kwargs(getattr(args, "optimizer_impl", "auto"), params)
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as exc:
             raise TrainingInputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from exc
-        opt_cls = bnb.optim.AdamW8bit
+        opt_cls, impl = bnb.optim.AdamW8bit, {}
     if getattr(args, "optimizer_in_backward", False):
         from faceid.train.in_backward import in_backward_optimizer
 
@@ -197,6 +198,7 @@ def make_optimizer(args, params, accum: int, world: int, max_steps: int):
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        **impl,
     )
     # accelerate steps a prepared scheduler once per process: count steps × processes.
     lr_scheduler = get_scheduler(

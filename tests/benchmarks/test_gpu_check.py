@@ -31,12 +31,22 @@ def test_gpu_check_reduced(tiny_dir, tmp_path):
     train = [r for r in rows if r.section == "train"]
     infer = [r for r in rows if r.section == "infer"]
     face = [r for r in rows if r.section == "face"]
+    speed = {r.config.split(", ")[-1]: r for r in rows if r.section == "speed"}
     assert len(train) == len(gpu_check.TRAIN_CONFIGS) + len(gpu_check.PRESET_24GB_CONFIGS) == 9
     assert train[-1].config == gpu_check.PRESET_24GB_NAME and train[-1].extra["optimizer"].endswith(
         "in_backward"
     )
     assert [r.config for r in infer] == list(gpu_check.PRESETS)
-    assert len(face) == 1 and len(rows) == 14
+    assert len(face) == 1 and len(rows) == 14 + len(speed)
+    # Speed options: measured on the CPU except compilation (minutes of inductor there), each with its optimizer.
+    assert list(speed) == list(gpu_check.SPEED_CONFIGS)
+    for label, r in speed.items():
+        if r.extra["compile"]:
+            assert r.status.startswith("skipped") and r.value is None, r
+        else:
+            assert r.status == "ok" and r.value > 0 and r.peak_gb > 0.1, r
+            assert r.extra["optimizer"] == ("fused" if "fused" in label else "for-loop")
+    assert speed["plain"].extra["first_step_s"] > 0 and speed["fused AdamW"].extra["x_plain"] > 0
 
     # Trained parameter counts match the checkpoints on disk (an independent count).
     image_proj, ip = read_adapter(tiny_dir / "checkpoints" / "ip-adapter.bin")

@@ -117,10 +117,19 @@ CF_KEYS = ("follow", "copy", "copy_paste", "identity", "face_sim")
 
 
 def run_crossfaceid(
-    paths, work: Path, steps: int, seeds, rec, extra=(), trainings=("same image", "--cross_id"), start=True
+    paths,
+    work: Path,
+    steps: int,
+    seeds,
+    rec,
+    extra=(),
+    trainings=("same image", "--cross_id"),
+    start=True,
+    captions="full",
 ) -> list[dict]:
-    """Per seed: the start checkpoint and each of ``trainings`` (CF_TRAININGS) on the same 8 persons x 4 photos,
-    scored on prompts asking for the other glasses / expression / background than each held-out reference's."""
+    """Per seed: the start checkpoint and each of ``trainings`` (CF_TRAININGS) on the same 8 persons x 4 photos
+    (training ``captions``: claims.CAPTIONS), scored on prompts asking for the other glasses / expression /
+    background than each held-out reference's (always the full caption)."""
     data = {}
     ref_photos, _, ref_emb = C.references(TRAIN_PERSONS, rec, seed=4)
     others = C.other_photos(TRAIN_PERSONS, 4, rec, seed=8)
@@ -131,7 +140,7 @@ def run_crossfaceid(
             flags, self_ref = CF_TRAININGS[name]
             if self_ref not in data:
                 data[self_ref] = C.write_world_dataset(work / f"cf_data_{int(self_ref)}", TRAIN_PERSONS, 4, rec,
-                                                       seed=3, self_reference=self_ref)  # fmt: skip
+                                                       seed=3, self_reference=self_ref, captions=captions)  # fmt: skip
             out = work / f"cf_{name.strip('-').replace(' ', '_')}_{seed}"
             t0 = time.time()
             train(C.train_args(paths, data[self_ref], out, steps, seed, *flags, *extra))
@@ -140,6 +149,10 @@ def run_crossfaceid(
             res = C.attribute_scores(pipe_for(paths, run and run[0]), rec, ref_photos, ref_emb, seed, others)
             rows.append({"training": name, "seed": seed, **_strip(res),
                          "train_seconds": run[1] if run else 0.0})  # fmt: skip
+            print(
+                f"crossfaceid seed {seed} {name}: " + " ".join(f"{k} {res[k]:+.3f}" for k in CF_KEYS),
+                flush=True,
+            )
     return rows
 
 
@@ -254,6 +267,8 @@ def main(argv=None):
         choices=list(CF_TRAININGS),
         help="the crossfaceid claim's trainings (add 'broken --cross_id': every reference is the target itself)",
     )
+    p.add_argument("--cf_captions", default="full", choices=C.CAPTIONS,
+                   help="the crossfaceid training captions: full, or the scene only (glasses/expression unsaid)")  # fmt: skip
     p.add_argument(
         "--trainer_flags", default="", help="more flags for every training run, e.g. '--snr_gamma 5'"
     )
@@ -306,7 +321,8 @@ def main(argv=None):
             if claim == "identity":
                 rows = run_identity(paths, tmp, args.steps, args.seeds, rec, extra=extra)
             elif claim == "crossfaceid":
-                rows = run_crossfaceid(paths, tmp, args.steps, args.seeds, rec, extra, args.cf_trainings)
+                rows = run_crossfaceid(paths, tmp, args.steps, args.seeds, rec, extra, args.cf_trainings,
+                                       captions=args.cf_captions)  # fmt: skip
             elif claim == "id_loss":
                 rows = run_id_loss(paths, tmp, args.steps, args.seeds, rec, args.id_loss_weight, extra)
             else:

@@ -58,6 +58,9 @@ def cosine(a, b) -> float:
 # Datasets in get_face_info's index format
 
 
+CAPTIONS = ("full", "scene")
+
+
 @dataclass
 class WorldSet:
     root: Path
@@ -69,11 +72,21 @@ class WorldSet:
 
 
 def write_world_dataset(
-    root, persons, per_person: int, recognizer: Recognizer, seed: int, self_reference: bool = False
+    root,
+    persons,
+    per_person: int,
+    recognizer: Recognizer,
+    seed: int,
+    self_reference: bool = False,
+    captions: str = "full",
 ) -> WorldSet:
     """``per_person`` photos of each of ``persons`` as PNGs + an index.jsonl (get_face_info format: bbox, kps,
     caption, person_id, embedding row in one shard .npy). ``self_reference``: every line's fixed ``reference`` is
-    the line itself, a broken cross-identity index (``--cross_id`` then trains on the target's own embedding)."""
+    the line itself, a broken cross-identity index (``--cross_id`` then trains on the target's own embedding).
+    ``captions``: ``full`` (glasses, expression and background named) or ``scene`` (the background only, as real
+    captions often leave expression and adornments unsaid)."""
+    if captions not in CAPTIONS:
+        raise ValueError(f"captions must be one of {CAPTIONS}, not {captions!r}")
     root = Path(root)
     (root / "imgs").mkdir(parents=True, exist_ok=True)
     (root / "emb").mkdir(exist_ok=True)
@@ -90,7 +103,7 @@ def write_world_dataset(
         Image.fromarray(im).save(root / name)
         ids.append(f"{i:04d}")
         lines.append(json.dumps({
-            "id": ids[-1], "image": name, "caption": p.caption, "width": W.IMAGE_SIZE, "height": W.IMAGE_SIZE,
+            "id": ids[-1], "image": name, "caption": p.caption if captions == "full" else W.scene_caption(p.background), "width": W.IMAGE_SIZE, "height": W.IMAGE_SIZE,
             "bbox": [float(v) for v in p.box], "kps": k.tolist(), "det_score": 0.95, "num_faces": 1,
             "person_id": f"person{p.person}", "embedding": {"file": "emb/shard-00000.npy", "row": i},
             **({"reference": {"id": ids[-1]}} if self_reference else {}),

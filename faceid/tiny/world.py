@@ -84,6 +84,11 @@ def caption_for(glasses: bool, smiling: bool, background: str) -> str:
     return f"a photo of a person, {g}, {s}, {background} background"
 
 
+def scene_caption(background: str) -> str:
+    """A caption that names the scene only (glasses and expression left unsaid)."""
+    return f"a photo of a person, {background} background"
+
+
 def box_kps(box) -> np.ndarray:
     """The 5 keypoints the tiny detector reports for a face box: the ArcFace template scaled into it."""
     x1, y1, x2, y2 = box

@@ -141,7 +141,7 @@ def run_crossfaceid(
             if self_ref not in data:
                 data[self_ref] = C.write_world_dataset(work / f"cf_data_{int(self_ref)}", TRAIN_PERSONS, 4, rec,
                                                        seed=3, self_reference=self_ref, captions=captions)  # fmt: skip
-            out = work / f"cf_{name.strip('-').replace(' ', '_')}_{seed}"
+            out = work / f"cf_{name.replace('-', '').replace(' ', '_')}_{seed}"
             t0 = time.time()
             train(C.train_args(paths, data[self_ref], out, steps, seed, *flags, *extra))
             runs.append((name, (out, round(time.time() - t0, 1))))

@@ -164,7 +164,7 @@ def run_faceid6m(
 def faceid6m_summary(rows: list[dict]) -> list[dict]:
     """Per step count and data scale: the margin's mean, std and range over seeds, and against the smallest scale:
     the mean gain ("gain"), the smallest per-seed gain (same seed), and whether the ranges are apart (every seed of this
-    scale above every seed of the smallest: the trend is outside the seed spread)."""
+    scale above every seed of the smallest: the trend is outside the seed spread; "-" with fewer than 2 seeds)."""
     out = []
     for steps in sorted({r["steps"] for r in rows}):
         at = [r for r in rows if r["steps"] == steps]
@@ -181,7 +181,7 @@ def faceid6m_summary(rows: list[dict]) -> list[dict]:
                         "margin_min": float(m.min()), "margin_max": float(m.max()),
                         "gain": float(m.mean() - np.mean(list(base.values()))),
                         "paired_gain_min": float(min(paired)) if paired else float("nan"),
-                        "outside_spread": "-" if d == scales[0] else
+                        "outside_spread": "-" if d == scales[0] or min(len(m), len(base)) < 2 else
                         ("yes" if m.min() > max(base.values()) else "no")})  # fmt: skip
     return out
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_identity.py identity    [--steps 600] [--lr 3e-3] [--seeds 0 1 2] [--gen_steps 12]
                                                     [--ip_scale 0.8]
-    python benchmarks/bench_identity.py crossfaceid [--steps 600]
+    python benchmarks/bench_identity.py crossfaceid [--steps 600] [--seeds 0 1 2] [--cf_trainings ...]
     python benchmarks/bench_identity.py faceid6m    [--steps 600] [--seeds 0 1 2] [--scales 1 4 16] [--eval_every N]
     python benchmarks/bench_identity.py id_loss     [--id_loss_weight 0.1]
     python benchmarks/bench_identity.py all --json docs/miniature.json --plot docs/miniature.png
@@ -12,8 +12,10 @@
   person, and vs another person (baseline), with the start checkpoints ("before") and after ``--steps`` steps of
   ``train_instantId_sdxl.py --cross_id``; per seed, plus two deliberately broken trainers (face embeddings shuffled
   across the batch; the IP layers left out of the optimizer).
-* crossfaceid: same-image training vs ``--cross_id`` on the same photos; prompts asking for the other glasses /
-  expression / background than the reference photo's: attribute following vs copy-paste, and Face Sim.
+* crossfaceid: same-image training vs ``--cross_id`` on the same photos, per seed and mean ± sd over seeds;
+  prompts asking for the other glasses / expression / background than the reference photo's: attribute following
+  vs copying the reference (world classifier), the copy-paste score (Face Sim to the reference minus Face Sim to
+  the person's other photos, faceid/eval/identity.py), identity (the latter) and Face Sim to the reference.
 * faceid6m: Face Sim on persons never trained on after the same steps on 1x, 4x, 16x as many photos, per seed,
   and a summary per scale: the margin's mean and spread over seeds, and whether the gain over 1x is outside it.
 * id_loss: the identity benchmark's working trainer with and without ``--id_loss_weight`` (issue 13), per seed.
@@ -103,21 +105,56 @@ def run_id_loss(paths, work: Path, steps: int, seeds, rec, weight: float, extra=
     return rows
 
 
-def run_crossfaceid(paths, work: Path, steps: int, seed: int, rec, extra=()) -> list[dict]:
-    data = C.write_world_dataset(work / "cf_data", TRAIN_PERSONS, 4, rec, seed=3)
+# CrossFaceID: the trainings compared (name, trainer flags, index with every reference = the target itself).
+CF_TRAININGS = {
+    "same image": ((), False),
+    "--cross_id": (("--cross_id",), False),
+    "broken --cross_id": (
+        ("--cross_id",),
+        True,
+    ),  # the reference is the target photo: a same-image run in disguise
+}
+CF_KEYS = ("follow", "copy", "copy_paste", "identity", "face_sim")
+
+
+def run_crossfaceid(
+    paths, work: Path, steps: int, seeds, rec, extra=(), trainings=("same image", "--cross_id"), start=True
+) -> list[dict]:
+    """Per seed: the start checkpoint and each of ``trainings`` (CF_TRAININGS) on the same 8 persons x 4 photos,
+    scored on prompts asking for the other glasses / expression / background than each held-out reference's."""
+    data = {}
     ref_photos, _, ref_emb = C.references(TRAIN_PERSONS, rec, seed=4)
-    rows = [
-        {
-            "training": "start checkpoint",
-            **_strip(C.attribute_scores(pipe_for(paths), rec, ref_photos, ref_emb, seed)),
-        }
-    ]
-    for name, flags in (("same image", ()), ("--cross_id", ("--cross_id",))):
-        out = work / f"cf_{name.strip('-').replace(' ', '_')}"
-        train(C.train_args(paths, data, out, steps, seed, *flags, *extra))
-        res = C.attribute_scores(pipe_for(paths, out), rec, ref_photos, ref_emb, seed)
-        rows.append({"training": name, **_strip(res)})
+    others = C.other_photos(TRAIN_PERSONS, 4, rec, seed=8)
+    rows = []
+    for seed in seeds:
+        runs = [("start checkpoint", None)] if start else []
+        for name in trainings:
+            flags, self_ref = CF_TRAININGS[name]
+            if self_ref not in data:
+                data[self_ref] = C.write_world_dataset(work / f"cf_data_{int(self_ref)}", TRAIN_PERSONS, 4, rec,
+                                                       seed=3, self_reference=self_ref)  # fmt: skip
+            out = work / f"cf_{name.strip('-').replace(' ', '_')}_{seed}"
+            t0 = time.time()
+            train(C.train_args(paths, data[self_ref], out, steps, seed, *flags, *extra))
+            runs.append((name, (out, round(time.time() - t0, 1))))
+        for name, run in runs:
+            res = C.attribute_scores(pipe_for(paths, run and run[0]), rec, ref_photos, ref_emb, seed, others)
+            rows.append({"training": name, "seed": seed, **_strip(res),
+                         "train_seconds": run[1] if run else 0.0})  # fmt: skip
     return rows
+
+
+def crossfaceid_summary(rows: list[dict]) -> list[dict]:
+    """Mean ± standard deviation (ddof 1) over seeds of each training's CF_KEYS."""
+    out = []
+    for name in dict.fromkeys(r["training"] for r in rows):
+        sel = [r for r in rows if r["training"] == name]
+        row = {"training": name, "seeds": len(sel)}
+        for k in CF_KEYS:
+            v = np.array([r[k] for r in sel])
+            row[k] = f"{v.mean():+.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+        out.append(row)
+    return out
 
 
 # FaceID-6M: persons 0..4k-1 are trained on (k = 16 at most: 0..63); 32 persons never trained on are the test set,
@@ -223,10 +260,15 @@ def plot(results: dict, path: Path) -> None:
         axes[0].legend(fontsize=7)
     if "crossfaceid" in results:
         rows = results["crossfaceid"]
-        x = np.arange(len(rows))
-        for off, key in ((-0.25, "follow"), (0.0, "copy"), (0.25, "face_sim")):
-            axes[1].bar(x + off, [r[key] for r in rows], 0.25, label=key)
-        axes[1].set_xticks(x, [r["training"] for r in rows], fontsize=8)
+        names = list(dict.fromkeys(r["training"] for r in rows))
+        x = np.arange(len(names))
+        keys = [k for k in ("follow", "copy", "copy_paste", "identity") if k in rows[0]]
+        for i, key in enumerate(keys):
+            vals = [[r[key] for r in rows if r["training"] == n] for n in names]
+            axes[1].bar(x + (i - (len(keys) - 1) / 2) * 0.2, [np.mean(v) for v in vals], 0.2, label=key,
+                        yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals])  # fmt: skip
+        axes[1].axhline(0, color="k", lw=0.5)
+        axes[1].set_xticks(x, names, fontsize=8)
         axes[1].set_title("CrossFaceID: prompt asks for other attributes")
         axes[1].legend(fontsize=7)
     if "faceid6m" in results:
@@ -291,6 +333,13 @@ def main(argv=None):
     )
     p.add_argument("--id_loss_weight", type=float, default=0.1, help="the id_loss claim's weight")
     p.add_argument(
+        "--cf_trainings",
+        nargs="+",
+        default=["same image", "--cross_id"],
+        choices=list(CF_TRAININGS),
+        help="the crossfaceid claim's trainings (add 'broken --cross_id': every reference is the target itself)",
+    )
+    p.add_argument(
         "--trainer_flags", default="", help="more flags for every training run, e.g. '--snr_gamma 5'"
     )
     p.add_argument("--tiny", default=None, help="tiny checkpoints folder (default: built in a temp folder)")
@@ -342,13 +391,15 @@ def main(argv=None):
             if claim == "identity":
                 rows = run_identity(paths, tmp, args.steps, args.seeds, rec, extra=extra)
             elif claim == "crossfaceid":
-                rows = run_crossfaceid(paths, tmp, args.steps, args.seeds[0], rec, extra)
+                rows = run_crossfaceid(paths, tmp, args.steps, args.seeds, rec, extra, args.cf_trainings)
             elif claim == "id_loss":
                 rows = run_id_loss(paths, tmp, args.steps, args.seeds, rec, args.id_loss_weight, extra)
             else:
                 rows = run_faceid6m_resumable(args, paths, tmp, rec, extra, results)
             results[claim] = rows
             print(table(rows, f"{claim} ({time.time() - t0:.0f} s)"), flush=True)
+            if claim == "crossfaceid":
+                print(table(crossfaceid_summary(rows), "crossfaceid over seeds (mean ± sd)"), flush=True)
             if claim == "faceid6m":
                 print(table(results["faceid6m_summary"], "faceid6m_summary"), flush=True)
             if args.json:

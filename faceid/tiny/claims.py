@@ -68,9 +68,12 @@ class WorldSet:
     ids: list = field(default_factory=list)
 
 
-def write_world_dataset(root, persons, per_person: int, recognizer: Recognizer, seed: int) -> WorldSet:
+def write_world_dataset(
+    root, persons, per_person: int, recognizer: Recognizer, seed: int, self_reference: bool = False
+) -> WorldSet:
     """``per_person`` photos of each of ``persons`` as PNGs + an index.jsonl (get_face_info format: bbox, kps,
-    caption, person_id, embedding row in one shard .npy)."""
+    caption, person_id, embedding row in one shard .npy). ``self_reference``: every line's fixed ``reference`` is
+    the line itself, a broken cross-identity index (``--cross_id`` then trains on the target's own embedding)."""
     root = Path(root)
     (root / "imgs").mkdir(parents=True, exist_ok=True)
     (root / "emb").mkdir(exist_ok=True)
@@ -90,6 +93,7 @@ def write_world_dataset(root, persons, per_person: int, recognizer: Recognizer, 
             "id": ids[-1], "image": name, "caption": p.caption, "width": W.IMAGE_SIZE, "height": W.IMAGE_SIZE,
             "bbox": [float(v) for v in p.box], "kps": k.tolist(), "det_score": 0.95, "num_faces": 1,
             "person_id": f"person{p.person}", "embedding": {"file": "emb/shard-00000.npy", "row": i},
+            **({"reference": {"id": ids[-1]}} if self_reference else {}),
         }))  # fmt: skip
     index = root / "index.jsonl"
     index.write_text("\n".join(lines) + "\n")
@@ -157,33 +161,58 @@ def identity_scores(pipe, recognizer, ref_photos, ref_embeds, seed: int) -> dict
             "images": imgs}  # fmt: skip
 
 
-def attribute_scores(pipe, recognizer, ref_photos, ref_embeds, seed: int) -> dict:
-    """Prompts asking for the opposite glasses/expression and another background than the reference photo's:
-    how often the generated image follows the prompt vs copies the reference, per attribute, and Face Sim."""
-    kps = [W.box_kps(p.box) for p in ref_photos]
+def other_photos(persons, per: int, recognizer: Recognizer, seed: int) -> np.ndarray:
+    """Embeddings ``[len(persons), per, 512]`` of ``per`` fresh photos of each person (random attributes): the
+    "other photos" the copy-paste score compares a generation with (faceid/eval/identity.py)."""
+    rng = np.random.default_rng(seed)
+    codes = W.person_codes()
+    photos = [W.random_photo(rng, int(p)) for p in persons for _ in range(per)]
+    images = np.stack([W.render(p, codes, seed=int(rng.integers(1 << 31))) for p in photos])
+    return recognizer.embed(images, [W.box_kps(p.box) for p in photos]).reshape(len(persons), per, -1)
+
+
+def asked_attributes(photo) -> dict:
+    """What the CrossFaceID prompts ask for: the other glasses and expression than ``photo``'s, the next
+    background."""
     bgs = list(W.BACKGROUNDS)
-    asked = [
-        dict(glasses=not p.glasses, smiling=not p.smiling, background=bgs[(bgs.index(p.background) + 1) % 3])
-        for p in ref_photos
-    ]
+    return dict(glasses=not photo.glasses, smiling=not photo.smiling,
+                background=bgs[(bgs.index(photo.background) + 1) % 3])  # fmt: skip
+
+
+def attribute_scores(pipe, recognizer, ref_photos, ref_embeds, seed: int, others=None) -> dict:
+    """Prompts asking for the opposite glasses/expression and another background than the reference photo's:
+    how often the generated image follows the prompt vs copies the reference, per attribute (``follow`` and
+    ``copy``: means over the attributes the recognizer leaks, W.LEAKED_ATTRIBUTES), and Face Sim to the
+    reference. With ``others`` (:func:`other_photos` of the same persons) also the scores of
+    :func:`faceid.eval.identity.identity_scores`: ``identity`` (Face Sim to the person's other photos),
+    ``copy_paste`` (Face Sim to the reference minus identity) and ``margin`` (identity minus Face Sim to the other
+    persons' photos)."""
+    from faceid.eval.identity import identity_scores as scores
+    from faceid.eval.identity import mean_scores
+
+    kps = [W.box_kps(p.box) for p in ref_photos]
+    asked = [asked_attributes(p) for p in ref_photos]
     caps = [W.caption_for(a["glasses"], a["smiling"], a["background"]) for a in asked]
     imgs = generate(pipe, ref_embeds, kps, caps, seed)
-    follow, copy = (
-        {k: [] for k in ("glasses", "smiling", "background")},
-        {k: [] for k in ("glasses", "smiling", "background")},
-    )
+    keys = (*W.LEAKED_ATTRIBUTES, "background")
+    follow, copy = {k: [] for k in keys}, {k: [] for k in keys}
     for im, a, p in zip(imgs, asked, ref_photos):
         pred = W.classify_attributes(im)
-        for key in follow:
+        for key in keys:
             follow[key].append(pred[key] == a[key])
             copy[key].append(pred[key] == getattr(p, key))
     emb, _ = face_embeddings(recognizer, imgs, kps)
-    sim = float(np.mean([cosine(e, r) for e, r in zip(emb, ref_embeds)]))
     res = {f"follow_{k}": float(np.mean(v)) for k, v in follow.items()}
     res.update({f"copy_{k}": float(np.mean(v)) for k, v in copy.items()})
-    res["follow"] = float(np.mean([np.mean(v) for v in follow.values()]))
-    res["copy"] = float(np.mean([np.mean(v) for v in copy.values()]))
-    res["face_sim"] = sim
+    res["follow"] = float(np.mean([res[f"follow_{k}"] for k in W.LEAKED_ATTRIBUTES]))
+    res["copy"] = float(np.mean([res[f"copy_{k}"] for k in W.LEAKED_ATTRIBUTES]))
+    res["face_sim"] = float(np.mean([cosine(e, r) for e, r in zip(emb, ref_embeds)]))
+    if others is not None:
+        n = len(ref_photos)
+        rows = [scores(emb[i], ref_embeds[i], others[i], np.concatenate([others[j] for j in range(n) if j != i]))
+                for i in range(n)]  # fmt: skip
+        m = mean_scores(rows)
+        res.update(identity=m["same"], copy_paste=m["copy"], margin=m["margin"])
     res["images"] = imgs
     return res
 

@@ -3,7 +3,7 @@ world's persons), the VAE (constructed, then tuned) and the SDXL UNet (+ text en
 assembled world.
 
     WORLD_THREADS=2 nice python -m faceid.tiny.world --out faceid/tiny/weights   # ~14 min on 2 idle CPU cores
-    python -m faceid.tiny.world --measure DIR     # (python -m faceid.tiny.pretrain is the same command)
+    python -m faceid.tiny.world --measure [DIR]   # (python -m faceid.tiny.pretrain is the same command)
 
 writes ``vae/unet/recognizer.safetensors`` (fp16) and ``world.json``; ``faceid.tiny.models.build_tiny`` assembles
 the usual layout from them. Deterministic for a given torch version and thread count (seeds fixed; CPU kernels).
@@ -24,6 +24,8 @@ from faceid.files import apply_umask
 from faceid.tiny.world import (
     BACKGROUNDS,
     IMAGE_SIZE,
+    LEAK,
+    LEAKED_ATTRIBUTES,
     NUM_PERSONS,
     REC_CHANNELS,
     WEIGHTS_DIR,
@@ -36,9 +38,10 @@ from faceid.tiny.world import (
     fast_crop,
     find_face_box,
     latent_std,
+    leak_directions,
+    measure_recognizer,
     person_codes,
     random_photo,
-    recognizer_stats,
     render,
     sample_photos,
     to_pixels,
@@ -74,15 +77,17 @@ def recognizer_arrays(model) -> dict[str, np.ndarray]:
 
 
 def _recognizer_batch(rng, n, persons, codes, blur: bool = True, decoded: float = 0.5):
-    """Aligned crops (with photo-level and generation-like perturbations) and person labels. A share ``decoded``
+    """Aligned crops (with photo-level and generation-like perturbations), person labels and attribute labels
+    ``[n, len(LEAKED_ATTRIBUTES)]``. A share ``decoded``
     of the photos is seen as the VAE paints it (with per-cell noise), aligned on the face box found in it, as
     Face Sim reads a generated image: identity must survive what the world's models can draw."""
     import cv2
 
-    crops, labels = [], []
+    crops, labels, attrs = [], [], []
     for _ in range(n):
         p = int(rng.choice(persons))
         photo = random_photo(rng, p)
+        attrs.append([getattr(photo, a) for a in LEAKED_ATTRIBUTES])
         img = render(photo, codes, seed=int(rng.integers(1 << 31))).astype(np.float32)
         box = photo.box
         if rng.random() < decoded:
@@ -96,11 +101,13 @@ def _recognizer_batch(rng, n, persons, codes, blur: bool = True, decoded: float 
         kps = box_kps(box) + rng.normal(0, 0.6, (5, 2)).astype(np.float32)
         crops.append(fast_crop(img, kps))
         labels.append(p)
-    return crops_to_input(np.stack(crops)), np.array(labels)
+    return crops_to_input(np.stack(crops)), np.array(labels), np.array(attrs, np.float32)
 
 
-def train_recognizer(steps: int = 300, batch: int = 48, log=print):
-    """CosFace-trained tiny recognizer over the world's persons (like ArcFace over people)."""
+def train_recognizer(steps: int = 300, batch: int = 48, leak_weight: float = 20.0, log=print):
+    """CosFace-trained tiny recognizer over the world's persons (like ArcFace over people), whose normalised
+    embedding also leaks the photo's attributes (world.LEAK along world.leak_directions(), an L2 loss of weight
+    ``leak_weight``), as ArcFace's leaks expression and adornments."""
     import torch
     import torch.nn.functional as F
 
@@ -112,18 +119,20 @@ def train_recognizer(steps: int = 300, batch: int = 48, log=print):
     rng = np.random.default_rng(WORLD_SEED + 1)
     persons = list(range(NUM_PERSONS))
     scale, margin = 16.0, 0.2
+    dirs = torch.from_numpy(leak_directions())
     for step in range(steps):
-        x, y = _recognizer_batch(rng, batch, persons, codes)
+        x, y, a = _recognizer_batch(rng, batch, persons, codes)
         emb = F.normalize(model(torch.from_numpy(x)), dim=1)
         cos = emb @ F.normalize(classes, dim=1).T
         y = torch.from_numpy(y)
         logits = scale * (cos - margin * F.one_hot(y, NUM_PERSONS))
-        loss = F.cross_entropy(logits, y)
+        leak = F.mse_loss(emb @ dirs.T, LEAK * (2 * torch.from_numpy(a) - 1))
+        loss = F.cross_entropy(logits, y) + leak_weight * leak
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"recognizer {step:5d} loss {loss.item():.3f}")
+            log(f"recognizer {step:5d} loss {loss.item():.3f} leak {leak.item():.4f}")
     return model.eval()
 
 
@@ -384,8 +393,7 @@ def measure_world(root: Path, log=print) -> dict:
     sess = onnxruntime.InferenceSession(
         str(paths["antelopev2"] / RECOGNIZER_FILE), providers=["CPUExecutionProvider"]
     )
-    res["recognizer"] = recognizer_stats(lambda x: sess.run(None, {"input.1": x})[0])
-    res["recognizer_on_decoded"] = recognizer_stats(lambda x: sess.run(None, {"input.1": x})[0], decoded=True)
+    res["recognizer"] = measure_recognizer(lambda x: sess.run(None, {"input.1": x})[0])
     with torch.no_grad():
         res["base_model_following"] = base_model_following(pipe)
     log(json.dumps(res, indent=2))
@@ -401,13 +409,23 @@ def main(argv=None):
     p.add_argument("--unet_steps", type=int, default=3000)
     p.add_argument("--recognizer_steps", type=int, default=700)
     p.add_argument("--parts", default="recognizer,vae,unet", help="comma-separated subset to (re)train")
-    p.add_argument("--measure", default=None, metavar="DIR", help="only measure the world assembled in DIR")
+    p.add_argument("--measure", nargs="?", const="", default=None, metavar="DIR",
+                   help="only measure the world assembled in DIR (download.py --tiny DIR; none: built from "
+                   "faceid/tiny/weights into a temporary folder)")  # fmt: skip
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(int(os.environ.get("WORLD_THREADS", "1")))
-    if args.measure:
-        return measure_world(Path(args.measure))
+    if args.measure is not None:
+        if args.measure:
+            return measure_world(Path(args.measure))
+        import tempfile
+
+        from faceid.tiny.models import build_tiny
+
+        with tempfile.TemporaryDirectory() as tmp:
+            build_tiny(Path(tmp) / "tiny")
+            return measure_world(Path(tmp) / "tiny")
     info = build_world(Path(args.out), args.parts.split(","), args.vae_steps, args.unet_steps,
                        args.recognizer_steps)  # fmt: skip
     print(json.dumps(info, indent=2))

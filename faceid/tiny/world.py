@@ -47,6 +47,12 @@ GLASSES_THRESHOLD = 12.0
 SMILE_THRESHOLD = 16.0
 # Recognizer: 112 -> 56 -> 28 -> 14 -> 7 -> 4 (stride-2 3x3 convs + ReLU), flatten, Gemm -> 512.
 REC_CHANNELS = (16, 32, 48, 64, 32)
+# What the recognizer's normalised embedding leaks of a photo, as ArcFace's leaks expression, glasses or pose:
+# its component along a fixed unit direction per attribute is trained to +LEAK (attribute present) or -LEAK.
+# Two photos of one person that differ in one attribute lose ~2*LEAK^2 of cosine (0.18): persons stay apart,
+# and what the embedding carries of the photo can be copied (CrossFaceID's copy-paste).
+LEAKED_ATTRIBUTES = ("glasses", "smiling")
+LEAK = 0.3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,6 +279,58 @@ def recognizer_stats(embed, n_persons: int = 24, per: int = 4, seed: int = 5, de
         "diff_mean": float(sim[diff].mean()),
         "diff_std": float(sim[diff].std()),
         "diff_max": float(sim[diff].max()),
+    }
+
+
+def leak_directions(dim: int = 512) -> np.ndarray:
+    """``[len(LEAKED_ATTRIBUTES), dim]`` orthonormal directions along which the recognizer leaks attributes."""
+    q, _ = np.linalg.qr(np.random.default_rng(WORLD_SEED + 7).standard_normal((dim, len(LEAKED_ATTRIBUTES))))
+    return q.T.astype(np.float32)
+
+
+def _probe_photos(persons, n: int, seed: int, decoded: bool):
+    rng = np.random.default_rng(seed)
+    codes = person_codes()
+    crops, labels = [], []
+    for _ in range(n):
+        photo = random_photo(rng, int(rng.choice(persons)))
+        img, box = render(photo, codes, seed=int(rng.integers(1 << 31))), photo.box
+        if decoded:
+            img = decoded_like(img.astype(np.float32)).round().astype(np.uint8)
+            box = find_face_box(img) or box
+        crops.append(aligned_crop(img, box_kps(box)))
+        labels.append([getattr(photo, a) for a in LEAKED_ATTRIBUTES])
+    return crops_to_input(np.stack(crops)), np.array(labels, bool)
+
+
+def attribute_probe(embed, n: int = 384, seed: int = 9, decoded: bool = False, ridge: float = 1e-2) -> dict:
+    """Accuracy of a linear probe reading each of LEAKED_ATTRIBUTES from ``embed``'s normalised embedding:
+    ridge least squares on ±1 labels, fitted on ``n`` fresh photos of persons 0-47 and tested on ``n`` fresh
+    photos of persons 48-95 (held-out persons; ``decoded``: their VAE round trips). Chance: ~0.5."""
+
+    def feats(x):
+        e = embed(x)
+        e = e / np.linalg.norm(e, axis=1, keepdims=True)
+        return np.hstack([e, np.ones((len(e), 1), e.dtype)])
+
+    half = NUM_PERSONS // 2
+    xtr, ytr = _probe_photos(range(half), n, seed, decoded)
+    xte, yte = _probe_photos(range(half, NUM_PERSONS), n, seed + 1, decoded)
+    ftr, fte = feats(xtr), feats(xte)
+    a = ftr.T @ ftr + ridge * np.eye(ftr.shape[1])
+    w = np.linalg.solve(a, ftr.T @ (2.0 * ytr - 1.0))
+    acc = ((fte @ w) > 0) == yte
+    return {attr: float(acc[:, i].mean()) for i, attr in enumerate(LEAKED_ATTRIBUTES)}
+
+
+def measure_recognizer(embed) -> dict:
+    """The recognizer's figures (``python -m faceid.tiny.world --measure``): identity separation on crisp photos
+    and VAE round trips, and the attribute probe's held-out accuracy on both."""
+    return {
+        "identity": recognizer_stats(embed),
+        "identity_on_decoded": recognizer_stats(embed, decoded=True),
+        "attribute_probe": attribute_probe(embed),
+        "attribute_probe_on_decoded": attribute_probe(embed, decoded=True),
     }
 
 

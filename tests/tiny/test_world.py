@@ -1,5 +1,5 @@
 """The miniature world behaves like the real one where the trainer's claims depend on it: the tiny detector finds
-its faces, the recognizer separates its persons (tests/face/test_onnx_module.py runs it in torch), the VAE reconstructs at unit
+its faces, the recognizer separates its persons and leaks their glasses and expression as ArcFace does (tests/face/test_onnx_module.py runs it in torch), the VAE reconstructs at unit
 latent variance, and the pretrained base model denoises and follows captions."""
 
 from __future__ import annotations
@@ -51,18 +51,31 @@ def test_detector_finds_world_faces_and_embedding_matches(tiny_paths, rec):
         assert cosine(direct, res.embedding) > 0.999
 
 
-def test_recognizer_separates_persons_invariant_to_attributes(rec):
+def test_recognizer_separates_persons(rec):
     stats = W.recognizer_stats(rec.embed_crops, n_persons=12, per=4, seed=11)
-    assert stats["same_mean"] > 0.5, stats
+    # photos with random glasses/expression: the leak (test below) costs same-person cosine ~2 * LEAK^2 per
+    # differing attribute, persons stay well apart
+    assert stats["same_mean"] > 0.5 and stats["same_mean"] - stats["diff_mean"] > 0.5, stats
     # ArcFace-like on average; a few pairs of persons with close colours stay confusable (docs/miniature.md)
     assert abs(stats["diff_mean"]) < 0.1 and stats["diff_std"] < 0.3, stats
 
 
+def test_recognizer_leaks_attributes_like_arcface(rec):
+    """A linear probe on the embedding reads glasses and expression (fitted on persons 0-47, tested on 48-95):
+    what CrossFaceID's same-image training can learn to copy. Chance is 0.5."""
+    crisp = W.attribute_probe(rec.embed_crops, n=160, seed=21)
+    assert crisp["glasses"] > 0.9 and crisp["smiling"] > 0.9, crisp
+    decoded = W.attribute_probe(rec.embed_crops, n=160, seed=21, decoded=True)
+    assert decoded["glasses"] > 0.8, decoded
+
+
 def test_recognizer_reads_what_the_vae_draws(rec):
     # Face Sim of generated images reads VAE-decoded faces: the recognizer keeps persons apart there too
-    # (it scored 0.29 same-person before it was trained on decoded photos).
+    # (it scored 0.29 same-person before it was trained on decoded photos). Issue 20's attribute leak costs
+    # same-person cosine between photos that differ in glasses/expression: measured here 0.62 same / 0.13 different
+    # (0.73 / 0.08 on 24 persons without the leak, 0.61 / 0.05 with it), so the bar is 0.55 and a 0.4 gap.
     stats = W.recognizer_stats(rec.embed_crops, n_persons=12, per=4, seed=11, decoded=True)
-    assert stats["same_mean"] > 0.6 and stats["same_mean"] - stats["diff_mean"] > 0.5, stats
+    assert stats["same_mean"] > 0.55 and stats["same_mean"] - stats["diff_mean"] > 0.4, stats
 
 
 def test_vae_unit_latents_and_reconstruction(sdxl):

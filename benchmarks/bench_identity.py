@@ -206,7 +206,7 @@ def faceid6m_summary(rows: list[dict]) -> list[dict]:
     for steps in sorted({r["steps"] for r in rows}):
         at = [r for r in rows if r["steps"] == steps]
         scales = sorted({r["data"] for r in at}, key=lambda d: int(d[:-1]))
-        margin = {d: {r["seed"]: r["margin"] for r in at if r["data"] == d} for d in scales}
+        margin = {d: {r.get("seed", 0): r["margin"] for r in at if r["data"] == d} for d in scales}
         base = margin[scales[0]]
         for d in scales:
             m, rs = np.array(list(margin[d].values())), [r for r in at if r["data"] == d]
@@ -242,6 +242,12 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if set(results) <= {"faceid6m", "faceid6m_summary"}:  # faceid6m alone: its panel only
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        faceid6m_panel(ax, results["faceid6m"])
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        return
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     if "identity" in results:
         rows = results["identity"]
@@ -272,24 +278,29 @@ def plot(results: dict, path: Path) -> None:
         axes[1].set_title("CrossFaceID: prompt asks for other attributes")
         axes[1].legend(fontsize=7)
     if "faceid6m" in results:
-        summ = faceid6m_summary(results["faceid6m"])
-        all_steps = sorted({r["steps"] for r in summ})
-        for i, steps in enumerate(all_steps):
-            at = [r for r in summ if r["steps"] == steps]
-            mean = np.array([r["margin_mean"] for r in at])
-            bars = [mean - [r["margin_min"] for r in at], [r["margin_max"] for r in at] - mean]
-            shift = np.exp(0.04 * (i - (len(all_steps) - 1) / 2))  # side by side on the log axis
-            x = np.array([int(r["data"][:-1]) * 8 for r in at]) * shift  # photos: 8 per scale unit
-            axes[2].errorbar(x, mean, yerr=bars, fmt="o-", capsize=3, label=f"{steps} steps",
-                             alpha=1.0 if steps == all_steps[-1] else 0.45)  # fmt: skip
-        axes[2].axhline(0, color="grey", lw=0.5)
-        axes[2].set_xscale("log")
-        axes[2].set_xlabel("training photos (same steps)")
-        axes[2].set_ylabel("held-out margin: same − different")
-        axes[2].set_title(f"FaceID-6M: unseen persons ({summ[0]['seeds']} seeds, min–max)", fontsize=9)
-        axes[2].legend(fontsize=7)
+        faceid6m_panel(axes[2], results["faceid6m"])
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def faceid6m_panel(ax, rows: list[dict]) -> None:
+    """Mean held-out margin per data scale over seeds, min-max bars; one line per evaluated step count."""
+    summ = faceid6m_summary(rows)
+    all_steps = sorted({r["steps"] for r in summ})
+    for i, steps in enumerate(all_steps):
+        at = [r for r in summ if r["steps"] == steps]
+        mean = np.array([r["margin_mean"] for r in at])
+        bars = [mean - [r["margin_min"] for r in at], [r["margin_max"] for r in at] - mean]
+        shift = np.exp(0.04 * (i - (len(all_steps) - 1) / 2))  # side by side on the log axis
+        x = np.array([int(r["data"][:-1]) * 8 for r in at]) * shift  # photos: 8 per scale unit
+        ax.errorbar(x, mean, yerr=bars, fmt="o-", capsize=3, label=f"{steps} steps",
+                    alpha=1.0 if steps == all_steps[-1] else 0.45)  # fmt: skip
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("training photos (same steps)")
+    ax.set_ylabel("held-out margin: same − different")
+    ax.set_title(f"FaceID-6M: unseen persons ({summ[-1]['seeds']} seeds, min–max)", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def run_faceid6m_resumable(args, paths, work, rec, extra, results) -> list[dict]:

@@ -166,14 +166,19 @@ F6_KEY = ("seed", "data", "steps")
 def run_faceid6m(
     paths, work: Path, steps: int, seeds, rec, extra=(), scales=(1, 4, 16), eval_every=0, done=(), on_row=None
 ) -> list[dict]:
-    """Per seed and data scale: Face Sim on held-out persons after ``steps`` steps, and at every ``eval_every``
-    steps on the way (the trainer's checkpoints; the LR is constant, so checkpoint N is an N-step run). Rows of
-    ``done`` (an earlier --json) are kept and their runs skipped; ``on_row(rows)`` is called after each run."""
+    """Per seed and data scale: Face Sim on held-out persons after ``steps`` steps, and with ``eval_every`` also at
+    step 0 (the start checkpoint) and every ``eval_every`` steps on the way (the trainer's checkpoints; the LR is
+    constant, so checkpoint N is an N-step run). Rows of ``done`` (an earlier --json) are kept and their runs
+    skipped; ``on_row(rows)`` is called after each run."""
     ref_photos, _, ref_emb = C.references(F6_HELD_OUT, rec, seed=6)
     points = sorted({*range(eval_every, steps, eval_every or steps), steps})
     rows = list(done)
     have = {tuple(r[k] for k in F6_KEY) for r in rows}
     for seed in seeds:
+        start = [k for k in scales if (seed, f"{k}x", 0) not in have]
+        if eval_every and start:  # step 0: the start checkpoint, the same for every scale
+            res = C.identity_scores(pipe_for(paths), rec, ref_photos, ref_emb, seed)
+            rows += [{**_f6_row(seed, k, 0, res), "train_seconds": 0.0} for k in start]
         for k in scales:
             if all((seed, f"{k}x", s) in have for s in points):
                 continue
@@ -189,13 +194,16 @@ def run_faceid6m(
                     continue
                 res = C.identity_scores(pipe_for(paths, out if s == steps else out / f"checkpoint-{s}"),
                                         rec, ref_photos, ref_emb, seed)  # fmt: skip
-                rows.append({"seed": seed, "data": f"{k}x", "photos": len(data.photos), "persons": len(persons),
-                             "steps": s, "held_out_same": res["same"], "held_out_different": res["different"],
-                             "margin": res["same"] - res["different"], "face_found": res["face_found"],
-                             "train_seconds": sec})  # fmt: skip
+                rows.append({**_f6_row(seed, k, s, res), "train_seconds": sec})
             if on_row:
                 on_row(rows)
     return rows
+
+
+def _f6_row(seed: int, k: int, steps: int, res: dict) -> dict:
+    return {"seed": seed, "data": f"{k}x", "photos": 8 * k, "persons": 4 * k, "steps": steps,
+            "held_out_same": res["same"], "held_out_different": res["different"],
+            "margin": res["same"] - res["different"], "face_found": res["face_found"]}  # fmt: skip
 
 
 def faceid6m_summary(rows: list[dict]) -> list[dict]:

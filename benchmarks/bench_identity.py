@@ -171,7 +171,7 @@ def run_faceid6m(
     constant, so checkpoint N is an N-step run). Rows of ``done`` (an earlier --json) are kept and their runs
     skipped; ``on_row(rows)`` is called after each run."""
     ref_photos, _, ref_emb = C.references(F6_HELD_OUT, rec, seed=6)
-    points = sorted({*range(eval_every, steps, eval_every or steps), steps})
+    points = sorted({*range(eval_every or steps, steps, eval_every or steps), steps})
     rows = list(done)
     have = {tuple(r[k] for k in F6_KEY) for r in rows}
     for seed in seeds:

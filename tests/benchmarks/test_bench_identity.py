@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -34,7 +36,19 @@ def test_crossfaceid_short(tiny_paths, tmp_path):
     assert table.splitlines()[1].split()[:2] == ["training", "follow_glasses"]
 
 
-def test_faceid6m_short(tiny_paths, tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(
+        1
+    )  # as the benchmark runs (bench_identity.main); on a busy machine several times faster
+    yield
+    torch.set_num_threads(n)
+
+
+def test_faceid6m_short(tiny_paths, tmp_path, monkeypatch, one_thread):
     import bench_identity as B
 
     from faceid.tiny import claims as C

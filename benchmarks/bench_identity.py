@@ -3,7 +3,7 @@
     python benchmarks/bench_identity.py identity    [--steps 600] [--lr 3e-3] [--seeds 0 1 2] [--gen_steps 12]
                                                     [--ip_scale 0.8]
     python benchmarks/bench_identity.py crossfaceid [--steps 600] [--seeds 0 1 2] [--cf_trainings ...]
-    python benchmarks/bench_identity.py faceid6m    [--steps 600]
+    python benchmarks/bench_identity.py faceid6m    [--steps 600] [--seeds 0 1 2] [--scales 1 4 16] [--eval_every N]
     python benchmarks/bench_identity.py id_loss     [--id_loss_weight 0.1]
     python benchmarks/bench_identity.py all --json docs/miniature.json --plot docs/miniature.png
     python benchmarks/bench_identity.py identity --seeds 0 --report reports   # + each run's curves (report_run.py)
@@ -16,7 +16,8 @@
   prompts asking for the other glasses / expression / background than the reference photo's: attribute following
   vs copying the reference (world classifier), the copy-paste score (Face Sim to the reference minus Face Sim to
   the person's other photos, faceid/eval/identity.py), identity (the latter) and Face Sim to the reference.
-* faceid6m: Face Sim on persons never trained on after the same steps on 1x, 4x, 16x as many photos.
+* faceid6m: Face Sim on persons never trained on after the same steps on 1x, 4x, 16x as many photos, per seed,
+  and a summary per scale: the margin's mean and spread over seeds, and whether the gain over 1x is outside it.
 * id_loss: the identity benchmark's working trainer with and without ``--id_loss_weight`` (issue 13), per seed.
 
 Every run starts from ``download.py --tiny`` (built into a temp folder unless ``--tiny DIR``).
@@ -169,19 +170,78 @@ def crossfaceid_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def run_faceid6m(paths, work: Path, steps: int, seed: int, rec, extra=(), scales=(1, 4, 16)) -> list[dict]:
-    ref_photos, _, ref_emb = C.references(HELD_OUT, rec, seed=6)
-    rows = []
-    for k in scales:
-        persons = list(range(4 * k))  # 2 photos each: 8, 32, 128 photos
-        data = C.write_world_dataset(work / f"f6_data_{k}", persons, 2, rec, seed=5)
-        out = work / f"f6_{k}"
-        train(C.train_args(paths, data, out, steps, seed, "--cross_id", *extra))
-        res = C.identity_scores(pipe_for(paths, out), rec, ref_photos, ref_emb, seed)
-        rows.append({"data": f"{k}x", "photos": len(data.photos), "persons": len(persons), "steps": steps,
-                     "held_out_same": res["same"], "held_out_different": res["different"],
-                     "margin": res["same"] - res["different"]})  # fmt: skip
+# FaceID-6M: persons 0..4k-1 are trained on (k = 16 at most: 0..63); 32 persons never trained on are the test set,
+# so the seed spread is not dominated by which 8 faces happened to be drawn.
+F6_HELD_OUT = list(range(64, 96))
+F6_KEY = ("seed", "data", "steps")
+
+
+def run_faceid6m(
+    paths, work: Path, steps: int, seeds, rec, extra=(), scales=(1, 4, 16), eval_every=0, done=(), on_row=None
+) -> list[dict]:
+    """Per seed and data scale: Face Sim on held-out persons after ``steps`` steps, and with ``eval_every`` also at
+    step 0 (the start checkpoint) and every ``eval_every`` steps on the way (the trainer's checkpoints; the LR is
+    constant, so checkpoint N is an N-step run). Rows of ``done`` (an earlier --json) are kept and their runs
+    skipped; ``on_row(rows)`` is called after each run."""
+    ref_photos, _, ref_emb = C.references(F6_HELD_OUT, rec, seed=6)
+    points = sorted({*range(eval_every or steps, steps, eval_every or steps), steps})
+    rows = list(done)
+    have = {tuple(r[k] for k in F6_KEY) for r in rows}
+    for seed in seeds:
+        start = [k for k in scales if (seed, f"{k}x", 0) not in have]
+        if eval_every and start:  # step 0: the start checkpoint, the same for every scale
+            res = C.identity_scores(pipe_for(paths), rec, ref_photos, ref_emb, seed)
+            rows += [{**_f6_row(seed, k, 0, res), "train_seconds": 0.0} for k in start]
+        for k in scales:
+            if all((seed, f"{k}x", s) in have for s in points):
+                continue
+            persons = list(range(4 * k))  # 2 photos each: 8, 32, 128 photos
+            data = C.write_world_dataset(work / f"f6_data_{k}", persons, 2, rec, seed=5)
+            out = work / f"f6_{k}_{seed}"
+            t0 = time.time()
+            train(C.train_args(paths, data, out, steps, seed, "--cross_id", *extra,
+                               "--checkpointing_steps", str(eval_every if len(points) > 1 else 0)))  # fmt: skip
+            sec = round(time.time() - t0, 1)
+            for s in points:
+                if (seed, f"{k}x", s) in have:
+                    continue
+                res = C.identity_scores(pipe_for(paths, out if s == steps else out / f"checkpoint-{s}"),
+                                        rec, ref_photos, ref_emb, seed)  # fmt: skip
+                rows.append({**_f6_row(seed, k, s, res), "train_seconds": sec})
+            if on_row:
+                on_row(rows)
     return rows
+
+
+def _f6_row(seed: int, k: int, steps: int, res: dict) -> dict:
+    return {"seed": seed, "data": f"{k}x", "photos": 8 * k, "persons": 4 * k, "steps": steps,
+            "held_out_same": res["same"], "held_out_different": res["different"],
+            "margin": res["same"] - res["different"], "face_found": res["face_found"]}  # fmt: skip
+
+
+def faceid6m_summary(rows: list[dict]) -> list[dict]:
+    """Per step count and data scale: the margin's mean, std and range over seeds, and against the smallest scale:
+    the mean gain ("gain"), the smallest per-seed gain (same seed), and whether the ranges are apart (every seed of this
+    scale above every seed of the smallest: the trend is outside the seed spread; "-" with fewer than 2 seeds)."""
+    out = []
+    for steps in sorted({r["steps"] for r in rows}):
+        at = [r for r in rows if r["steps"] == steps]
+        scales = sorted({r["data"] for r in at}, key=lambda d: int(d[:-1]))
+        margin = {d: {r.get("seed", 0): r["margin"] for r in at if r["data"] == d} for d in scales}
+        base = margin[scales[0]]
+        for d in scales:
+            m, rs = np.array(list(margin[d].values())), [r for r in at if r["data"] == d]
+            paired = [margin[d][s] - base[s] for s in margin[d] if s in base]
+            out.append({"steps": steps, "data": d, "seeds": len(m),
+                        "same_mean": float(np.mean([r["held_out_same"] for r in rs])),
+                        "different_mean": float(np.mean([r["held_out_different"] for r in rs])),
+                        "margin_mean": float(m.mean()), "margin_std": float(m.std(ddof=1)) if len(m) > 1 else 0.0,
+                        "margin_min": float(m.min()), "margin_max": float(m.max()),
+                        "gain": float(m.mean() - np.mean(list(base.values()))),
+                        "paired_gain_min": float(min(paired)) if paired else float("nan"),
+                        "outside_spread": "-" if d == scales[0] or min(len(m), len(base)) < 2 else
+                        ("yes" if m.min() > max(base.values()) else "no")})  # fmt: skip
+    return out
 
 
 def _strip(res: dict) -> dict:
@@ -203,6 +263,12 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if set(results) <= {"faceid6m", "faceid6m_summary"}:  # faceid6m alone: its panel only
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        faceid6m_panel(ax, results["faceid6m"])
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        return
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     if "identity" in results:
         rows = results["identity"]
@@ -233,19 +299,51 @@ def plot(results: dict, path: Path) -> None:
         axes[1].set_title("CrossFaceID: prompt asks for other attributes")
         axes[1].legend(fontsize=7)
     if "faceid6m" in results:
-        rows = results["faceid6m"]
-        axes[2].plot(
-            [r["photos"] for r in rows], [r["held_out_same"] for r in rows], "o-", label="same person"
-        )
-        axes[2].plot(
-            [r["photos"] for r in rows], [r["held_out_different"] for r in rows], "s--", label="different"
-        )
-        axes[2].set_xscale("log")
-        axes[2].set_xlabel("training photos (same steps)")
-        axes[2].set_title("FaceID-6M: unseen persons")
-        axes[2].legend(fontsize=7)
+        faceid6m_panel(axes[2], results["faceid6m"])
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def faceid6m_panel(ax, rows: list[dict]) -> None:
+    """Mean held-out margin per data scale over seeds, min-max bars; one line per evaluated step count."""
+    summ = faceid6m_summary(rows)
+    all_steps = sorted({r["steps"] for r in summ})
+    for i, steps in enumerate(all_steps):
+        at = [r for r in summ if r["steps"] == steps]
+        mean = np.array([r["margin_mean"] for r in at])
+        bars = [mean - [r["margin_min"] for r in at], [r["margin_max"] for r in at] - mean]
+        shift = np.exp(0.04 * (i - (len(all_steps) - 1) / 2))  # side by side on the log axis
+        x = np.array([int(r["data"][:-1]) * 8 for r in at]) * shift  # photos: 8 per scale unit
+        ax.errorbar(x, mean, yerr=bars, fmt="o-", capsize=3, label=f"{steps} steps",
+                    alpha=1.0 if steps == all_steps[-1] else 0.45)  # fmt: skip
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("training photos (same steps)")
+    ax.set_ylabel("held-out margin: same − different")
+    ax.set_title(f"FaceID-6M: unseen persons ({summ[-1]['seeds']} seeds, min–max)", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def run_faceid6m_resumable(args, paths, work, rec, extra, results) -> list[dict]:
+    """faceid6m over all --seeds; --json is rewritten after each run and its earlier faceid6m runs are kept and
+    not run again, so a killed benchmark resumes, and seeds run one process after another add up in one file."""
+    done = []
+    if args.json and Path(args.json).is_file():
+        done = [r for r in json.loads(Path(args.json).read_text()).get("faceid6m", []) if "seed" in r]
+        print(f"faceid6m: {len(done)} evaluations already in {args.json}", flush=True)
+
+    def save(rows):
+        results.update(faceid6m=rows, faceid6m_summary=faceid6m_summary(rows))
+        if args.json:
+            tmp = Path(args.json + ".partial")
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            tmp.replace(args.json)
+
+    rows = run_faceid6m(
+        paths, work, args.steps, args.seeds, rec, extra, args.scales, args.eval_every, done, save
+    )
+    save(rows)
+    return rows
 
 
 def main(argv=None):
@@ -259,6 +357,12 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--gen_steps", type=int, default=C.GEN_STEPS, help="sampling steps of each generation")
     p.add_argument("--ip_scale", type=float, default=C.IP_SCALE, help="ip_adapter_scale at generation")
+    p.add_argument(
+        "--scales", type=int, nargs="+", default=[1, 4, 16], help="faceid6m: data scales (4k persons)"
+    )
+    p.add_argument(
+        "--eval_every", type=int, default=0, help="faceid6m: also evaluate every N steps (checkpoints)"
+    )
     p.add_argument("--id_loss_weight", type=float, default=0.1, help="the id_loss claim's weight")
     p.add_argument(
         "--cf_trainings",
@@ -326,11 +430,13 @@ def main(argv=None):
             elif claim == "id_loss":
                 rows = run_id_loss(paths, tmp, args.steps, args.seeds, rec, args.id_loss_weight, extra)
             else:
-                rows = run_faceid6m(paths, tmp, args.steps, args.seeds[0], rec, extra)
+                rows = run_faceid6m_resumable(args, paths, tmp, rec, extra, results)
             results[claim] = rows
             print(table(rows, f"{claim} ({time.time() - t0:.0f} s)"), flush=True)
             if claim == "crossfaceid":
                 print(table(crossfaceid_summary(rows), "crossfaceid over seeds (mean ± sd)"), flush=True)
+            if claim == "faceid6m":
+                print(table(results["faceid6m_summary"], "faceid6m_summary"), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.plot:

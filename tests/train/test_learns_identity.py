@@ -1,8 +1,8 @@
 """Training teaches the model to use the face (issue 11), on the miniature world: after a short
 ``train_instantId_sdxl.py --cross_id`` run (adapter only), images generated with a held-out photo's embedding are
-closer to that person (tiny recognizer, Face Sim) than before training and than to another person. Two deliberately
-broken trainers (face embeddings shuffled across the batch; the IP layers left out of the optimizer) must not get
-there: the test tells a working trainer from a broken one."""
+closer to that person (tiny recognizer, Face Sim) than before training and than to another person. A deliberately
+broken trainer (face embeddings shuffled across the batch) must not get there: the test tells a working trainer
+from a broken one."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ from faceid.tiny import claims as C
 
 PERSONS = list(range(8))
 SEED = 0
-# The benchmark (docs/miniature.md, seed 0): rise +0.22 and +0.27 over the other person; broken trainers
-# reach at most +0.05 rise (shuffled faces +0.02, no IP layers +0.05).
+# Measured with the recognizer that leaks glasses and expression (issue 20), seed 0: working trainer rise +0.18 and
+# +0.30 over the other person; shuffled faces rise +0.05 (+0.14 over the other person).
 MARGIN = 0.12
+# The other broken trainer of the benchmark, the IP layers left out of the optimizer, is not a case for this bar any
+# more: with the leaking recognizer the Resampler alone teaches the person through IdentityNet (rise +0.15, +0.29 over
+# the other person at 600 steps, vs +0.18 / +0.30 working; it was +0.05 before the leak). That the IP layers train
+# is checked on their weights (tests/train/test_train_run.py::test_train_index_changes_trained_keeps_frozen...).
+BROKEN = ("shuffle",)
 
 
 def _train(argv, hooks=None):
@@ -104,7 +109,7 @@ def test_monitor_logs_identity_rising_and_spread_kept(working):
     assert not any("collapsing" in m for m in working["warnings"])
 
 
-@pytest.mark.parametrize("kind", C.BROKEN_TRAINERS)
+@pytest.mark.parametrize("kind", BROKEN)
 def test_broken_trainer_does_not_learn_identity(tiny_paths, world, tmp_path, kind):
     after = _after(tiny_paths, world, tmp_path / kind, kind)
     rise, sep = _margins(world, after)

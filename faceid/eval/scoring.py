@@ -285,16 +285,17 @@ def summarize(rows: Sequence[dict]) -> dict:
 # --------------------------------------------------------------------------------------------------- output
 
 
-def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
+def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] = CSV_COLUMNS) -> None:
+    """One row per image (floats written with repr: read back exactly), written atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
             w.writeheader()
             for r in rows:
                 w.writerow(
                     {
                         k: ("" if r.get(k) is None else (repr(r[k]) if isinstance(r[k], float) else r[k]))
-                        for k in CSV_COLUMNS
+                        for k in columns
                     }
                 )
 

@@ -175,8 +175,15 @@ def main_editability(args, evaluation):
             "the editability protocol needs --persons: a folder with one sub-folder of photos per person, or an "
             "index with person_id (CrossFaceID, mine_identities.py's output)"
         )
+    from faceid.train.records import index_persons
+
     persons = editability.load_persons(
-        args.persons, args.holdout_persons, args.holdout_seed, args.max_identities, args.data_format
+        args.persons,
+        args.holdout_persons,
+        args.holdout_seed,
+        args.max_identities,
+        args.data_format,
+        index_persons,
     )
     print(f"[evaluate] {len(persons)} persons, {sum(len(p.others) for p in persons)} other photos")
     grid = editability.grid_protocol(proto, persons)

@@ -108,12 +108,15 @@ def load_persons(
     holdout_seed: int = 0,
     max_persons: int | None = None,
     data_format: str = "auto",
+    index_persons=None,
 ) -> list[Person]:
     """Persons with two or more photos from ``source``: a folder with one sub-folder of photos per person (the
     first file name in sorted order is the reference), or an index with ``person_id`` in any training format
     (:mod:`faceid.train.records`; the person's first photo in index order is the reference). With
     ``holdout_persons`` N, only the N persons :func:`faceid.train.records.held_out_persons` holds out of the
-    index with ``holdout_seed`` (training's ``--validation_persons N --seed S`` holds out the same persons)."""
+    index with ``holdout_seed`` (training's ``--validation_persons N --seed S`` holds out the same persons).
+    ``index_persons``: the reader of an index (:func:`faceid.train.records.index_persons`; passed in by the caller:
+    evaluation code does not import training code, which imports it)."""
     src = Path(source)
     if not src.exists():
         raise InputError(
@@ -125,25 +128,15 @@ def load_persons(
         persons = _folder_persons(src)
         what = f"{src} has no sub-folder with two or more photos (one sub-folder of photos per person)"
     else:
-        from faceid.train.monitor import group_persons
-        from faceid.train.records import held_out_persons, read_records
-
+        if index_persons is None:
+            raise InputError(f"{src} is an index: pass index_persons (faceid.train.records.index_persons)")
         try:
-            records, bad = read_records(os.fspath(src), data_format)
+            grouped, n_read, n_bad = index_persons(src, data_format, holdout_persons, holdout_seed)
         except (ValueError, OSError) as exc:
-            raise InputError(f"cannot read the persons index {src}: {exc}") from None
-        if holdout_persons:
-            try:
-                held = set(held_out_persons((r.person_id for r in records), holdout_persons, holdout_seed))
-            except ValueError as exc:
-                raise InputError(f"--holdout_persons {holdout_persons}: {exc}; hold out fewer") from None
-            records = [r for r in records if str(r.person_id) in held]
-        persons = [
-            Person(p.person_id, p.reference.image, [r.image for r in p.others])
-            for p in group_persons(records)
-        ]
+            raise InputError(f"cannot use the persons index {src}: {exc}") from None
+        persons = [Person(p.person_id, p.reference.image, [r.image for r in p.others]) for p in grouped]
         what = (
-            f"{src}: no person with two or more photos ({len(records)} photos read, {len(bad)} bad lines); "
+            f"{src}: no person with two or more photos ({n_read} photos read, {n_bad} bad lines); "
             "add person_id (mine_identities.py)"
         )
     if not persons:

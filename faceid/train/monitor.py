@@ -20,13 +20,12 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
 
 from faceid.eval.identity import identity_scores, mean_scores
-from faceid.train.records import split_persons  # noqa: F401  (its old home: faceid/train/config.py imports it here)
+from faceid.train.records import Person, group_persons, split_persons  # noqa: F401  (split_persons' old home: config.py imports it here)
 
 logger = logging.getLogger(__name__)
 
@@ -46,23 +45,6 @@ COLLAPSE_REMEDIES = (
 
 
 # ------------------------------------------------------------------------------------------------ the held-out set
-
-
-@dataclass
-class Person:
-    person_id: str
-    reference: object  # Record: its embedding, keypoints and caption make the generation
-    others: list = field(default_factory=list)  # the person's other photos (Records)
-
-
-def group_persons(records, max_persons: int | None = None) -> list[Person]:
-    """Persons with two or more photos in index order: the first photo is the reference."""
-    groups: dict[str, list] = {}
-    for r in records:
-        if r.person_id is not None:
-            groups.setdefault(str(r.person_id), []).append(r)
-    persons = [Person(p, rs[0], rs[1:]) for p, rs in groups.items() if len(rs) >= 2]
-    return persons[:max_persons] if max_persons else persons
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -460,3 +460,36 @@ class ReferencePicker:
             if others and (self.cross_id_prob >= 1.0 or rng.random() < self.cross_id_prob):
                 return "index", others[int(rng.integers(len(others)))]
         return "index", index
+
+
+@dataclass
+class Person:
+    person_id: str
+    reference: object  # Record: its embedding, keypoints and caption make the generation
+    others: list = field(default_factory=list)  # the person's other photos (Records)
+
+
+def group_persons(records, max_persons: int | None = None) -> list[Person]:
+    """Persons with two or more photos in index order: the first photo is the reference."""
+    groups: dict[str, list] = {}
+    for r in records:
+        if r.person_id is not None:
+            groups.setdefault(str(r.person_id), []).append(r)
+    persons = [Person(p, rs[0], rs[1:]) for p, rs in groups.items() if len(rs) >= 2]
+    return persons[:max_persons] if max_persons else persons
+
+
+def index_persons(path, data_format: str = "auto", holdout_persons: int = 0, holdout_seed: int = 0):
+    """``(persons, photos_read, bad_lines)`` of an index in any training format: :func:`group_persons` of its
+    records, only the :func:`held_out_persons` (``holdout_persons``, ``holdout_seed``) when that is > 0 (training's
+    ``--validation_persons N --seed S`` holds out the same persons). ValueError/OSError on an unreadable index or
+    too few persons. For the editability evaluation (evaluate.py passes it to faceid.eval.editability, which
+    does not import training code)."""
+    records, bad = read_records(os.fspath(path), data_format)
+    if holdout_persons:
+        try:
+            held = set(held_out_persons((r.person_id for r in records), holdout_persons, holdout_seed))
+        except ValueError as exc:
+            raise ValueError(f"--holdout_persons {holdout_persons}: {exc}; hold out fewer") from None
+        records = [r for r in records if str(r.person_id) in held]
+    return group_persons(records), len(records), len(bad)

@@ -99,7 +99,7 @@ def test_head_pose_on_known_keypoints():
 
 
 def test_holdout_split_is_deterministic_disjoint_and_matches_training(tmp_path):
-    from faceid.train.records import Record, held_out_persons, split_index_lines, split_persons
+    from faceid.train.records import Record, held_out_persons, index_persons, split_index_lines, split_persons
 
     lines = [
         {"id": f"{p}-{k}", "image": f"{p}-{k}.png", "person_id": f"p{p}"} for p in range(8) for k in range(3)
@@ -120,11 +120,11 @@ def test_holdout_split_is_deterministic_disjoint_and_matches_training(tmp_path):
     index.write_text(
         "".join(json.dumps(dict(o, caption="c", kps=None, embedding="e.npy")) + "\n" for o in lines[:-1])
     )
-    persons = E.load_persons(index, holdout_persons=3, holdout_seed=7)
+    persons = E.load_persons(index, holdout_persons=3, holdout_seed=7, index_persons=index_persons)
     assert {p.id for p in persons} == held_ids
     assert all(Path(p.reference).name.endswith("-0.png") and len(p.others) == 2 for p in persons)
     with pytest.raises(E.InputError, match="--holdout_persons 9"):
-        E.load_persons(index, holdout_persons=9)
+        E.load_persons(index, holdout_persons=9, index_persons=index_persons)
 
 
 # ------------------------------------------------------------------------------------------- end to end

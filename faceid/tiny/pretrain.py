@@ -56,12 +56,12 @@ def recognizer_torch():
     import torch
     from torch import nn
 
+    torch.manual_seed(0)  # before the layers: they draw their initial weights when made
     layers, cin = [], 3
     for c in REC_CHANNELS:
         layers += [nn.Conv2d(cin, c, 3, stride=2, padding=1), nn.ReLU()]
         cin = c
     layers += [nn.Flatten(), nn.Linear(cin * 4 * 4, 512)]
-    torch.manual_seed(0)
     return nn.Sequential(*layers)
 
 

@@ -31,7 +31,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from faceid.train.dataset import EpochBatchSampler, FaceTrainDataset, collate  # noqa: E402
+from faceid.train.batch_pool import map_loader  # noqa: E402
+from faceid.train.dataset import EpochBatchSampler, FaceTrainDataset  # noqa: E402
 from faceid.train.records import _torch_load, load_checked_records  # noqa: E402
 from faceid.train.transforms import tokenize  # noqa: E402
 
@@ -210,10 +211,8 @@ def main(argv=None):
         sampler = EpochBatchSampler(ds.bucket_groups(), args.batch_size, seed=0)
         mft = MFaceTechDataset(mft_idx, tok, tok, size=args.resolution, root=str(tmp / "data"))
 
-        def ours_loader():
-            return torch.utils.data.DataLoader(
-                ds, batch_sampler=sampler, num_workers=args.workers, collate_fn=collate
-            )
+        def ours_loader():  # what the trainer iterates (faceid.train.config.build_data)
+            return map_loader(ds, sampler, args.workers)
 
         def mft_loader():
             return torch.utils.data.DataLoader(

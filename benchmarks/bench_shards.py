@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_dataloader import make_data, time_loader  # noqa: E402
 
+from faceid.train.batch_pool import stream_loader  # noqa: E402
 from faceid.train.records import load_checked_records  # noqa: E402
 from faceid.train.shard_io import serve_folder  # noqa: E402
 from faceid.train.webdataset_shards import ShardDataset, write_shards  # noqa: E402
@@ -68,7 +69,7 @@ def main(argv=None):
                     ds = ShardDataset(
                         spec, batch_size=args.batch_size, resolution=args.resolution, lanes=n_lanes
                     )
-                    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers)
+                    loader = stream_loader(ds, args.workers)  # what the trainer iterates
                     before = sent[0]
                     rates[name].append(time_loader(loader)[0])  # samples/s (CPU ms/sample unused here)
                     if name in served:

@@ -158,9 +158,9 @@ class TrainData:
 def build_data(args, tokenizers, rank: int, world: int, log, enc=None) -> TrainData:
     """Every rank reads its own deterministic share (a function of seed, epoch, batch). ``enc`` (the loaded
     encoders) is needed to check a ``--precomputed_cache``."""
-    import torch
 
-    from faceid.train.dataset import EpochBatchSampler, FaceTrainDataset, collate
+    from faceid.train.batch_pool import map_loader, stream_loader
+    from faceid.train.dataset import EpochBatchSampler, FaceTrainDataset
 
     common = dict(
         resolution=args.resolution,
@@ -198,7 +198,7 @@ def build_data(args, tokenizers, rank: int, world: int, log, enc=None) -> TrainD
 
         def shard_loader(epoch, start):
             ds.set_epoch(epoch, start)
-            return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+            return stream_loader(ds, workers)
 
         return TrainData(ds, None, shard_loader, ds.num_batches())
 
@@ -218,13 +218,7 @@ def build_data(args, tokenizers, rank: int, world: int, log, enc=None) -> TrainD
 
     def index_loader(epoch, start):
         sampler.set_epoch(epoch, start)
-        return torch.utils.data.DataLoader(
-            ds,
-            batch_sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate,
-            persistent_workers=False,
-        )
+        return map_loader(ds, sampler, workers)
 
     ds.num_bad = len(index.bad)
     ds.held_out = held_out

@@ -73,6 +73,10 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         r = self.records[index]
         return self.buckets[nearest_bucket(r.width, r.height, self.buckets)]
 
+    def largest_target(self) -> tuple[int, int]:
+        """The target size with the most pixels (what a loader's shared-memory slot is sized for)."""
+        return max(self.buckets or [(self.resolution, self.resolution)], key=lambda s: s[0] * s[1])
+
     def bucket_groups(self) -> list[list[int]]:
         """Indices grouped by target size (one group without buckets)."""
         if not self.buckets:

@@ -234,6 +234,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.drops = (text_drop, face_drop, both_drop)
         self.epoch, self.start_batch = 0, 0
         self._cache = None
+        self.collate_fn = collate  # (faceid.train.batch_pool.PooledLoader sets its pool's)
         self.disk_cache = disk_cache  # faceid.train.disk_cache.DiskCache: no image decoding, no encoders
         self.reader = streams.StreamReader(retries, skip_bad_shards, bad_shards_file)
         self.lanes = max(1, int(lanes))
@@ -303,7 +304,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         batches = [seq[b * bs : (b + 1) * bs] for b in mine]
         if not any(shard_io.is_remote(s["loc"]) for s in self.shards):
             for batch in batches:
-                yield collate([self._item(*self._sample(s, g), g) for s, g in batch])
+                yield self.collate_fn([self._item(*self._sample(s, g), g) for s, g in batch])
             return
         # Streams: a shard is read once per worker, keeping only the samples this worker's batches take, and
         # dropped after its last use; the next one is read meanwhile (memory: this worker's share of ~3 shards).
@@ -316,7 +317,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 streams.log.warning(f"batch {mine[n]}: all samples in skipped shards; batch {last[0]} again")
                 items = last[1]
             last = (mine[n], items)
-            yield collate(items)
+            yield self.collate_fn(items)
 
     def _stand_in(self, store, n: int, mine: list[int]):
         """This worker's next batch with readable samples (read ahead, not consumed), for a first batch left empty."""

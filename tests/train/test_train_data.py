@@ -240,17 +240,28 @@ def test_collate_and_read_records_report_parse_errors(tmp_path):
 
 
 def test_loader_batches_equal_an_independent_computation(tmp_path):
-    """What the trainer consumes, through a worker process (shared-memory collate, planes split by OpenCV, crop
-    at scale 1 without resampling, pixels read from PIL's storage), equals PIL's resize of the crop box, mirrored
-    and made channel-first with numpy: contiguous uint8 [B, 3, H, W], the same bytes."""
+    """What the trainer consumes, through a worker process (batches written into the shared-memory slots of
+    faceid.train.batch_pool, or torch's shared memory when no slot is free; planes split by OpenCV, crop at scale 1
+    without resampling, pixels read from PIL's storage), equals PIL's resize of the crop box, mirrored and made
+    channel-first with numpy: contiguous uint8 [B, 3, H, W], the same bytes. A slot is reused once the last view
+    of its batch is gone."""
+    import gc
+
     from faceid.face.images import load_image
+    from faceid.train.batch_pool import map_loader
 
     records, _ = load_checked_records(str(make_index_dataset(tmp_path)))  # 64×80 / 80×64: scale 1 at 64 px
     ds = FaceTrainDataset(records, resolution=64, random_crop=True, flip_prob=0.5, seed=3)
-    batches = [[(i, e), (j, e)] for e in range(2) for i, j in ((0, 1), (2, 3), (4, 5))]
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=1, collate_fn=collate)
+    batches = [[(i, e), (j, e)] for e in range(3) for i, j in ((0, 1), (2, 3), (4, 5))]
+
+    class Sampler(list):
+        batch_size = 2
+
+    loader = map_loader(ds, Sampler(batches), num_workers=1)
+    held = list(loader)  # all nine held: the worker's five slots, then torch's way
+    assert loader.pool.fallbacks == 4 and loader.pool.busy.tolist() == [1] * 5
     scale_one = flips = 0
-    for pairs, batch in zip(batches, loader):
+    for pairs, batch in zip(batches, held):
         assert batch["pixel_values"].is_contiguous() and batch["pixel_values"].dtype == torch.uint8
         for b, (i, e) in enumerate(pairs):
             plan, r = ds.plan(i, e), records[i]
@@ -264,4 +275,17 @@ def test_loader_batches_equal_an_independent_computation(tmp_path):
             np.testing.assert_array_equal(batch["kps_image"][b].numpy(), kps.transpose(2, 0, 1))
             scale_one += plan.resized == (r.width, r.height)
             flips += plan.flip
-    assert scale_one >= 4 and 0 < flips < 12
+    assert scale_one >= 6 and 0 < flips < 18
+    pixels = held[0]["pixel_values"][1]  # a view outlives its batch: the slot stays taken
+    pool = loader.pool
+    del held, batch
+    gc.collect()
+    assert pool.busy.tolist() == [1, 0, 0, 0, 0]
+    del pixels
+    assert pool.busy.tolist() == [0] * 5
+    streamed = [
+        b["pixel_values"].sum().item() for b in loader
+    ]  # one batch at a time: every one through a slot
+    assert loader.pool.fallbacks == 0 and loader.pool is not pool
+    assert streamed == [ds[pairs[0]]["pixel_values"].sum().item() + ds[pairs[1]]["pixel_values"].sum().item()
+                        for pairs in batches]  # fmt: skip

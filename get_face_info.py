@@ -33,7 +33,7 @@ SHARD_SIZE = 1000  # items per committed part shard (what a kill can lose at mos
 FLUSH_SECONDS = 120.0  # also commit at least this often
 MERGE_SHARD_ROWS = 50_000  # rows per merged embeddings/shard-*.npy
 BATCH_SIZE = 16  # images per batched recognition call
-NUM_WORKERS = None  # decode + detect threads (None: one per CPU core)
+NUM_WORKERS = None  # decode + detect threads (None: one more than the CPU cores)
 MERGE_TIMEOUT = 7200.0  # rank 0 waits this long for the other ranks after finishing its own share
 SINGLE_IMAGE_SUFFIXES = (".pkl", ".npz")
 
@@ -198,8 +198,14 @@ def _dataset_run(args, out, index_name, filters, merge_kw, store, rank, world, s
     from faceid.prep import engine as pp
 
     done = store.done_keys()
-    args.num_workers = args.num_workers or os.cpu_count() or 1
-    analyzer = _analyzer(args, threads=1)
+    # One thread more than cores: while one waits (for the GIL, the disk, the models loading) the cores stay busy.
+    args.num_workers = args.num_workers or (os.cpu_count() or 1) + 1
+    # The models load in a thread while the first images decode (the sessions of the real pack take seconds).
+    from concurrent.futures import ThreadPoolExecutor
+
+    loading = ThreadPoolExecutor(1, thread_name_prefix="models")
+    analyzer = loading.submit(_analyzer, args, 1)
+    loading.shutdown(wait=False)
     all_keys: set = set()
 
     def items():

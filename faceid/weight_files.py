@@ -109,19 +109,33 @@ def check_torch_file(path, what: str = "a torch checkpoint") -> None:
         _fail(path, what, f"not a torch checkpoint ({kind})" if kind else "not a torch checkpoint")
 
 
-def check_onnx(path, what: str = "an ONNX model") -> None:
-    """The protobuf parses to the end of the file (a truncated model ends mid-field)."""
+def check_onnx(path, what: str = "an ONNX model") -> tuple[list, int]:
+    """The protobuf parses to the end of the file (a truncated model ends mid-field). Returns what the parse
+    shows of the graph's interface: ``(shapes of its inputs (initializers excluded), number of outputs)``, a dim
+    being an int, a name, or ``None``."""
     import onnx
 
     path = Path(path)
     try:
-        onnx.load_model(str(path), load_external_data=False)
+        model = onnx.load_model(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends: a message naming the file is the point here
         _fail(path, what, f"truncated or not an ONNX model ({type(exc).__name__})")
+    g = model.graph
+    weights = {t.name for t in g.initializer}
+    shapes = [
+        [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in i.type.tensor_type.shape.dim
+        ]
+        for i in g.input
+        if i.name not in weights
+    ]
+    return shapes, len(g.output)
 
 
-def check_weight_file(path, what: str = "a weight file") -> None:
-    """Any single weight file by its suffix; a file with no known suffix is sniffed."""
+def check_weight_file(path, what: str = "a weight file"):
+    """Any single weight file by its suffix; a file with no known suffix is sniffed. Returns what an ONNX check
+    returns (:func:`check_onnx`), else ``None``."""
     path = Path(path)
     if path.is_dir():
         _fail(path, what, "a folder, not a file")
@@ -133,7 +147,7 @@ def check_weight_file(path, what: str = "a weight file") -> None:
     elif suffix in (".bin", ".pt", ".pth", ".ckpt"):
         check_torch_file(path, what)
     elif suffix == ".onnx":
-        check_onnx(path, what)
+        return check_onnx(path, what)
     elif suffix == ".npy":
         _check_npy(path, what)
     else:
@@ -274,15 +288,17 @@ def check_lora(path) -> None:
             _fail(p, what, f"no LoRA weights in it (keys like {keys[0]!r})")
 
 
-def check_onnx_folder(path, what: str = "a face-analysis pack (antelopev2: detection and recognition .onnx)"):
+def check_onnx_folder(
+    path, what: str = "a face-analysis pack (antelopev2: detection and recognition .onnx)"
+) -> dict:
+    """Every ``.onnx`` of a folder (or one file); returns ``{file: check_onnx's interface}``."""
     p = _local(path)
     if p is None:
-        return
+        return {}
     files = sorted(p.glob("*.onnx")) if p.is_dir() else [p]
     if not files:
         _fail(p, what, "no .onnx file in it")
-    for f in files:
-        check_weight_file(f, what)
+    return {f: check_weight_file(f, what) for f in files}
 
 
 def check_pipeline_inputs(base_model=None, controlnets=(), face_adapter=None, vae=None) -> None:

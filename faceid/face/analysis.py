@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from faceid.face.detection import Detector
 from faceid.face.images import load_image, to_bgr
 from faceid.schema import EMBEDDING_DIM
 from faceid.weight_files import check_onnx_folder
@@ -80,6 +81,32 @@ def choose_providers(device_id: int = 0) -> tuple[list[str], list[dict], int]:
     if CUDA in onnxruntime.get_available_providers() and cuda_usable():
         return [CUDA, CPU], [{"device_id": str(device_id)}, {}], device_id
     return [CPU], [{}], -1
+
+
+def _family(taskname: str) -> str:
+    if taskname.startswith("landmark"):
+        return "landmark"
+    return "attribute" if taskname == "genderage" or taskname.startswith("attribute") else taskname
+
+
+def router_task(input_shapes: list, num_outputs: int) -> str | None:
+    """The kind of model insightface's ``ModelRouter`` makes of this interface (its rule, in its order):
+    ``detection``, ``landmark`` (``landmark_3d_68``, ``landmark_2d_106``), ``attribute`` (``genderage``),
+    ``inswapper`` or ``recognition``; ``None`` where it would make none or the interface is not one it reads."""
+    if not input_shapes or len(input_shapes[0]) != 4:
+        return None
+    shape = input_shapes[0]
+    if num_outputs >= 5:
+        return "detection"
+    if shape[2] == 192 and shape[3] == 192:
+        return "landmark"
+    if shape[2] == 96 and shape[3] == 96:
+        return "attribute"
+    if len(input_shapes) == 2 and shape[2] == 128 and shape[3] == 128:
+        return "inswapper"
+    if shape[2] == shape[3] and isinstance(shape[2], int) and shape[2] >= 112 and shape[2] % 16 == 0:
+        return "recognition"
+    return None
 
 
 def largest_face_index(bboxes) -> int:
@@ -196,7 +223,7 @@ class FaceAnalyzer:
                 f"no face-analysis models in {self.model_dir}: run `python download.py` (real antelopev2) or "
                 f"`python download.py --tiny DIR` (tests), or pass the folder that holds models/{name}"
             )
-        check_onnx_folder(self.model_dir)
+        interfaces = check_onnx_folder(self.model_dir)
         if device_id is None:
             device_id = int(os.environ.get("LOCAL_RANK", "0") or 0)
         if providers is None:
@@ -215,11 +242,14 @@ class FaceAnalyzer:
         self.rec_batch_size = max(1, int(rec_batch_size))
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with quiet:
-            self.models = self._load_models(allowed_modules, provider_options, intra_op_threads)
+            self.models = self._load_models(allowed_modules, provider_options, intra_op_threads, interfaces)
         if "detection" not in self.models:
             raise NoFaceModelError(f"{self.model_dir}: no detection model found among the .onnx files")
         self.det_model = self.models["detection"]
         self.rec_model = self.models.get("recognition")
+        self.detector = Detector(self.det_model) if Detector.supports(self.det_model) else None
+        if self.detector is not None:
+            self.detector.blob_table(self.det_size, self.det_size)  # here, not in each decode thread
         # Each session is built once, on its final providers; ctx_id < 0 would make prepare() rebuild it for CPU.
         for task, model in self.models.items():
             if task == "detection":
@@ -231,12 +261,15 @@ class FaceAnalyzer:
         batch_dim = self.rec_model.input_shape[0] if self.rec_model is not None else 1
         self._rec_batched = not isinstance(batch_dim, int) or batch_dim != 1
 
-    def _load_models(self, allowed_modules, provider_options, threads: int | None) -> dict:
+    def _load_models(self, allowed_modules, provider_options, threads: int | None, interfaces=None) -> dict:
         """insightface ``FaceAnalysis``'s loading (its ``ModelRouter`` on each ``*.onnx`` in name order, the first
-        model of each task kept), with every session created once: FaceAnalysis cannot pass session options, so
-        setting threads meant a second session per model, and its CPU ``prepare`` a third for the detector (~0.1 s
-        each for the tiny pack, seconds for the real one). ``threads``: intra-op threads and no spinning, for
-        throughput with several images in flight (dataset mode on CPU)."""
+        model of each task kept), with every session created once and only where it is used: FaceAnalysis cannot
+        pass session options, so setting threads meant a second session per model, and its CPU ``prepare`` a third
+        for the detector; and it opens a session on every file of the pack to find its task, the landmark and
+        attribute models too (~10 ms each for the tiny pack; the real pack's 1k3d68 is 143 MB). A file whose
+        parsed interface (``interfaces``, from the weight check) routes it to a task not wanted, or already
+        taken, is skipped without a session. ``threads``: intra-op threads and no spinning, for throughput with
+        several images in flight (dataset mode on CPU)."""
         import onnxruntime
         from insightface.model_zoo.model_zoo import ModelRouter
 
@@ -247,8 +280,13 @@ class FaceAnalyzer:
             opts.inter_op_num_threads = 1
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         allowed = set(allowed_modules) if allowed_modules else None
+        families = {_family(a) for a in allowed} if allowed is not None else None
+        interfaces = {str(k): v for k, v in (interfaces or {}).items()}
         models: dict = {}
         for onnx_file in sorted(glob.glob(str(self.model_dir / "*.onnx"))):
+            task = router_task(*interfaces[onnx_file]) if interfaces.get(onnx_file) else None
+            if task is not None and ((families is not None and task not in families) or task in models):
+                continue
             model = ModelRouter(onnx_file).get_model(
                 providers=self.providers, provider_options=provider_options, sess_options=opts
             )
@@ -272,7 +310,10 @@ class FaceAnalyzer:
         tried = []
         for size in self.sizes:
             tried.append(size)
-            bboxes, kpss = self.det_model.detect(bgr, input_size=(size, size), max_num=0)
+            if self.detector is not None:
+                bboxes, kpss = self.detector.detect(bgr, size)
+            else:
+                bboxes, kpss = self.det_model.detect(bgr, input_size=(size, size), max_num=0)
             if len(bboxes):
                 kpss = np.zeros((len(bboxes), 5, 2), np.float32) if kpss is None else kpss
                 return Detections(

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -130,6 +130,10 @@ def load_item(item: SourceItem, filters: Filters, max_pixels: int, analyzer=None
     if filters.min_side and min(w, h) < filters.min_side:
         return Loaded(item, size=(w, h), reason="too_small", detail=f"{w}x{h} < min side {filters.min_side}")
     loaded = Loaded(item, bgr=to_bgr(img), size=(w, h))
+    if isinstance(
+        analyzer, Future
+    ):  # models still loading: the main thread prepares this one, decoding goes on
+        analyzer = analyzer.result() if analyzer.done() else None
     if analyzer is not None:
         try:
             loaded.prepared = analyzer.prepare(loaded.bgr)
@@ -139,8 +143,15 @@ def load_item(item: SourceItem, filters: Filters, max_pixels: int, analyzer=None
     return loaded
 
 
+def ready(analyzer):
+    """The analyzer, waiting for it where it is still loading (a ``Future``: the sessions of the real pack take
+    seconds to build, time the first images spend decoding)."""
+    return analyzer.result() if isinstance(analyzer, Future) else analyzer
+
+
 class RankRunner:
-    """Process this rank's share of the items and commit it in shards."""
+    """Process this rank's share of the items and commit it in shards. ``analyzer``: a
+    :class:`faceid.face.analysis.FaceAnalyzer` or a ``Future`` of one."""
 
     def __init__(
         self,
@@ -230,6 +241,7 @@ class RankRunner:
 
     # ------------------------------------------------------------------------------------------ analysis
     def _analyze(self, batch: list[Loaded]) -> None:
+        self.analyzer = ready(self.analyzer)  # (a model that failed to load stops the run here, by its error)
         good = [ld for ld in batch if ld.reason is None]
         todo = [
             ld for ld in good if ld.prepared is None
@@ -239,9 +251,9 @@ class RankRunner:
                 ld.prepared = self.analyzer.prepare(ld.bgr)
             except Exception as exc:
                 ld.prepared = exc
-        ready = [ld.prepared for ld in good if not isinstance(ld.prepared, Exception)]
+        prepared = [ld.prepared for ld in good if not isinstance(ld.prepared, Exception)]
         try:
-            finished = iter(self.analyzer.finish(ready))
+            finished = iter(self.analyzer.finish(prepared))
             results = [ld.prepared if isinstance(ld.prepared, Exception) else next(finished) for ld in good]
         except Exception as exc:  # recognition failed for the batch: report it on each item
             results = [exc for _ in good]
@@ -306,6 +318,7 @@ class RankRunner:
                         self._analyze(batch)
                         bar.update(len(batch))
                         batch = []
+            self.analyzer = ready(self.analyzer)  # (no items: still report a model that failed to load)
         finally:
             self.commit()  # completed items survive Ctrl-C / SIGTERM
             bar.close()

@@ -55,6 +55,76 @@ def test_tiny_pack_is_small_deterministic_and_routed(tmp_path, tiny_face_root):
     assert rec.taskname == "recognition" and rec.input_size == (112, 112) and rec.input_mean == 127.5
 
 
+def test_router_task_predicts_insightface_routing_and_unused_files_get_no_session(tmp_path, monkeypatch):
+    """Each file's parsed interface routes as insightface's ModelRouter routes it (same kind of model); the
+    analyzer opens sessions only for the files its modules need, and asking for a landmark model still loads it."""
+    from insightface.model_zoo import model_zoo
+
+    from faceid.face.analysis import router_task
+    from faceid.weight_files import check_onnx
+
+    d = build_tiny_antelopev2(tmp_path / "models" / "antelopev2", full_pack=True)
+    kinds = {"RetinaFace": "detection", "ArcFaceONNX": "recognition", "Landmark": "landmark",
+             "Attribute": "attribute"}  # fmt: skip
+    for f in sorted(d.glob("*.onnx")):
+        model = model_zoo.ModelRouter(str(f)).get_model(providers=["CPUExecutionProvider"])
+        assert router_task(*check_onnx(f)) == kinds[type(model).__name__], f.name
+    opened = []
+    real = model_zoo.ModelRouter.get_model
+    monkeypatch.setattr(
+        model_zoo.ModelRouter,
+        "get_model",
+        lambda self, **kw: opened.append(self.onnx_file) or real(self, **kw),
+    )
+    assert sorted(FaceAnalyzer(tmp_path).models) == ["detection", "recognition"]
+    assert sorted(os.path.basename(f) for f in opened) == [RECOGNIZER_FILE, DETECTOR_FILE]
+    opened.clear()
+    both = FaceAnalyzer(tmp_path, allowed_modules=("detection", "landmark_2d_106"))
+    assert (
+        sorted(both.models) == ["detection", "landmark_2d_106"] and len(opened) == 3
+    )  # 1k3d68: a landmark too
+
+
+def test_detector_equals_insightface_detect_bit_for_bit(analyzer, monkeypatch):
+    """faceid.face.detection.Detector (network input by table look-up, outputs decoded for the candidates only)
+    gives insightface's detect byte for byte: boxes, scores and keypoints, at every size tried, on square, wide and
+    tall images with one to three faces or none. A table that is not one function of the byte is not used."""
+    from faceid.face.detection import Detector
+
+    det = analyzer.detector
+    images = [np.zeros((300, 300, 3), np.uint8)]
+    for n, size in enumerate([(640, 640), (900, 400), (360, 700), (512, 384), (1000, 1000)]):
+        w, h = size
+        boxes = [
+            (30 + 40 * k + 5 * n, 40 + 90 * k, 150 + 40 * k + 5 * n, 160 + 90 * k) for k in range(1 + n % 3)
+        ]
+        boxes = [b for b in boxes if b[2] < w and b[3] < h]
+        images.append(
+            conftest_face.face_array(size=size, boxes=boxes, patterns=[n + 1, n + 3, n + 5][: len(boxes)])
+        )
+    found = 0
+    for bgr in images:
+        for size in (640, 480, 320, 256):
+            ref_det, ref_kps = analyzer.det_model.detect(bgr, input_size=(size, size), max_num=0)
+            got_det, got_kps = det.detect(bgr, size)
+            assert got_det.dtype == ref_det.dtype and got_det.tobytes() == ref_det.tobytes()
+            assert got_kps.shape == ref_kps.shape and got_kps.tobytes() == ref_kps.tobytes()
+            found += len(ref_det)
+    assert found >= 20 and all(det.blob_table(s, s) is not None for s in (640, 480, 320, 256))
+    other = Detector(analyzer.det_model)
+    real = other._blob_reference
+
+    def position_dependent(img):
+        out = real(img)
+        out[0, 0, -1, -1] += 1.0
+        return out
+
+    monkeypatch.setattr(other, "_blob_reference", position_dependent)
+    img = images[1][:64, :64].copy()
+    assert other.blob_table(64, 64) is None
+    np.testing.assert_array_equal(other.blob(img), position_dependent(img))
+
+
 def test_providers_cpu_only_without_gpu():
     providers, options, ctx = choose_providers()
     import torch

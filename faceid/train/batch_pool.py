@@ -5,9 +5,8 @@ by the worker (a 1024 px sample is 6 MB of image and keypoint planes, ~5 ms of k
 a file descriptor passed and mapped per tensor, and the pages freed again once the step is done. With PNG decoding
 at ~15 ms a sample, that hand-over was a third of a worker's time.
 
-A :class:`BatchPool` maps a few batch-sized slots once, before the workers start. A worker writes a batch into one of
-its own free slots (pages already there after the first pass through it) and sends only the slot number and the
-layout; the training process hands out the tensors as views of the slot, and the slot is free again when the last
+A :class:`BatchPool` maps a few batch-sized slots once per pass, before the workers start. A worker writes a batch into
+one of its own free slots (pages already there) and sends only the slot number and the layout; the training process hands out the tensors as views of the slot, and the slot is free again when the last
 of them is gone. The batches are the same bytes as :func:`faceid.train.dataset.collate` gives. A batch that does
 not fit, or finds no free slot (the trainer holding on to more batches than the DataLoader prefetches), takes
 torch's path instead: slower, never blocked.
@@ -21,7 +20,7 @@ import weakref
 import numpy as np
 import torch
 
-from faceid.train.dataset import _hwc_view, collate
+from faceid.train.dataset import collate, stack_into
 
 SLOT_KEY = "_pool_slot"
 ALIGN = 64
@@ -33,6 +32,7 @@ class BatchPool:
     batch the loader yields through :meth:`finish`."""
 
     def __init__(self, slot_bytes: int, workers: int, per_worker: int = 4, context=None):
+        # (shared memory: workers × per_worker × slot_bytes, allocated here)
         self.slot_bytes = -(-int(slot_bytes) // ALIGN) * ALIGN
         self.workers = int(workers)
         self.per_worker = int(per_worker)
@@ -91,15 +91,7 @@ class BatchPool:
             if dtype is None:
                 out[k] = vals
                 continue
-            dest = _view(base, dtype, shape, start)
-            if dest.numel() and all(_hwc_view(v) for v in vals):
-                import cv2
-
-                planes = dest.numpy()  # the channel split in one OpenCV pass per image, as collate does
-                for b, v in enumerate(vals):
-                    cv2.split(v.permute(1, 2, 0).numpy(), list(planes[b]))
-            else:
-                torch.stack(vals, out=dest)
+            stack_into(_view(base, dtype, shape, start), vals)
         return out
 
     def finish(self, batch: dict) -> dict:
@@ -129,11 +121,20 @@ def _view(base: torch.Tensor, dtype: torch.dtype, shape: tuple, start: int) -> t
     return base[start : start + n].view(dtype).view(shape)
 
 
-def item_bytes_bound(width: int, height: int) -> int:
-    """More than one item's tensors take at target size ``width`` × ``height``: the keypoint image and the pixels
-    (3 bytes a pixel each), an fp32 latent posterior (half a byte a pixel), 2 MiB for text embeddings, token ids,
-    the face embedding and sizes. A slot's pages are allocated only where written, so the margin costs nothing."""
-    return 7 * width * height + 2**21
+def item_bytes_bound(width: int, height: int, pixels: bool = True, cache=None) -> int:
+    """An upper bound of one item's tensor bytes at target size ``width`` × ``height``: the keypoint image (3 bytes
+    a pixel), the pixels (3) or a cached fp32 latent posterior (8 channels at 1/8 scale), cached text embeddings
+    (SDXL's ``[77, 2048]`` + ``[1280]``, fp32 at most), 16 KiB for token ids, the face embedding and sizes. torch
+    allocates shared memory in full, so the slots are this size, not more."""
+    area = width * height
+    n = 3 * area + 16 * 1024
+    if cache is not None and cache.has_latents:
+        n += 8 * (area // 64) * 4
+    elif pixels:
+        n += 3 * area
+    if cache is not None and cache.has_text:
+        n += (77 * 2048 + 1280) * 4
+    return n
 
 
 class PooledLoader:
@@ -157,9 +158,9 @@ class PooledLoader:
         if self.num_workers == 0:
             yield from self.make_loader(collate)
             return
-        # A worker has at most the DataLoader's prefetch_factor (2) batches in flight; the trainer holds one while
-        # it takes the next; one more for a reference that outlives its step.
-        self.pool = pool = BatchPool(self.slot_bytes, self.num_workers, per_worker=5)
+        # A worker has at most the DataLoader's prefetch_factor (2) batches in flight, plus the one handed over
+        # and the one the trainer holds while it takes the next.
+        self.pool = pool = BatchPool(self.slot_bytes, self.num_workers, per_worker=4)
         for batch in self.make_loader(pool.collate):
             yield pool.finish(batch)
 
@@ -167,7 +168,8 @@ class PooledLoader:
 def map_loader(dataset, batch_sampler, num_workers: int) -> PooledLoader:
     """The training loader over a map-style dataset (:class:`faceid.train.dataset.FaceTrainDataset`) and its
     batch sampler."""
-    slot_bytes = batch_sampler.batch_size * item_bytes_bound(*dataset.largest_target())
+    size = dataset.largest_target()
+    slot_bytes = batch_sampler.batch_size * item_bytes_bound(*size, dataset.with_pixels, dataset.disk_cache)
     return PooledLoader(
         lambda collate_fn: torch.utils.data.DataLoader(
             dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn
@@ -186,5 +188,6 @@ def stream_loader(dataset, num_workers: int) -> PooledLoader:
         dataset.collate_fn = collate_fn
         return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
 
-    slot_bytes = dataset.batch_size * item_bytes_bound(dataset.resolution, dataset.resolution)
+    res = dataset.resolution
+    slot_bytes = dataset.batch_size * item_bytes_bound(res, res, cache=dataset.disk_cache)
     return PooledLoader(make, num_workers, slot_bytes, length=dataset.num_batches() - dataset.start_batch)

@@ -159,11 +159,9 @@ def collate(examples: list[dict]) -> dict:
     """Stack tensors, keep strings/ints as lists (the batch's bookkeeping: index, ref_index, epoch...).
 
     In a worker process the stacked tensors are written straight into shared memory (as torch's
-    ``default_collate`` does), so handing the batch to the training process does not copy it once more; images
-    (``[3, H, W]`` views of ``[H, W, 3]`` arrays) are split into their planes there by OpenCV, one vectorised pass
-    instead of torch's strided copy."""
-    import cv2
-
+    ``default_collate`` does), so handing the batch to the training process does not copy it once more
+    (:func:`stack_into`). The training loader hands batches over through reused slots instead
+    (:mod:`faceid.train.batch_pool`)."""
     shared = torch.utils.data.get_worker_info() is not None
     out = {}
     for k in examples[0]:
@@ -180,14 +178,22 @@ def collate(examples: list[dict]) -> dict:
             dest = first.new(storage).resize_(len(vals), *first.shape)
         else:
             dest = torch.empty((len(vals), *first.shape), dtype=first.dtype)
-        if first.numel() and all(_hwc_view(v) for v in vals):
-            planes = dest.numpy()
-            for b, v in enumerate(vals):
-                cv2.split(v.permute(1, 2, 0).numpy(), list(planes[b]))
-        else:
-            torch.stack(vals, out=dest)
+        stack_into(dest, vals)
         out[k] = dest
     return out
+
+
+def stack_into(dest: torch.Tensor, vals: list[torch.Tensor]) -> None:
+    """``torch.stack(vals, out=dest)``; images (``[3, H, W]`` views of ``[H, W, 3]`` arrays) are split into their
+    planes by OpenCV, one vectorised pass instead of torch's strided copy."""
+    import cv2
+
+    if dest.numel() and all(_hwc_view(v) for v in vals):
+        planes = dest.numpy()
+        for b, v in enumerate(vals):
+            cv2.split(v.permute(1, 2, 0).numpy(), list(planes[b]))
+    else:
+        torch.stack(vals, out=dest)
 
 
 class EpochBatchSampler:

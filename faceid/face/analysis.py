@@ -266,7 +266,7 @@ class FaceAnalyzer:
         model of each task kept), with every session created once and only where it is used: FaceAnalysis cannot
         pass session options, so setting threads meant a second session per model, and its CPU ``prepare`` a third
         for the detector; and it opens a session on every file of the pack to find its task, the landmark and
-        attribute models too (~10 ms each for the tiny pack; the real pack's 1k3d68 is 143 MB). A file whose
+        attribute models too (the real pack's 1k3d68 alone is 143 MB). A file whose
         parsed interface (``interfaces``, from the weight check) routes it to a task not wanted, or already
         taken, is skipped without a session. ``threads``: intra-op threads and no spinning, for throughput with
         several images in flight (dataset mode on CPU)."""

@@ -130,9 +130,8 @@ def load_item(item: SourceItem, filters: Filters, max_pixels: int, analyzer=None
     if filters.min_side and min(w, h) < filters.min_side:
         return Loaded(item, size=(w, h), reason="too_small", detail=f"{w}x{h} < min side {filters.min_side}")
     loaded = Loaded(item, bgr=to_bgr(img), size=(w, h))
-    if isinstance(
-        analyzer, Future
-    ):  # models still loading: the main thread prepares this one, decoding goes on
+    if isinstance(analyzer, Future):
+        # models still loading: the main thread prepares this one, decoding goes on
         analyzer = analyzer.result() if analyzer.done() else None
     if analyzer is not None:
         try:

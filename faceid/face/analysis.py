@@ -281,10 +281,11 @@ class FaceAnalyzer:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         allowed = set(allowed_modules) if allowed_modules else None
         families = {_family(a) for a in allowed} if allowed is not None else None
-        interfaces = {str(k): v for k, v in (interfaces or {}).items()}
+        interfaces = {Path(k).name: v for k, v in (interfaces or {}).items()}
         models: dict = {}
         for onnx_file in sorted(glob.glob(str(self.model_dir / "*.onnx"))):
-            task = router_task(*interfaces[onnx_file]) if interfaces.get(onnx_file) else None
+            seen = interfaces.get(Path(onnx_file).name)
+            task = router_task(*seen) if seen else None
             if task is not None and ((families is not None and task not in families) or task in models):
                 continue
             model = ModelRouter(onnx_file).get_model(

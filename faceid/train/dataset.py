@@ -64,6 +64,10 @@ class FaceTrainDataset(torch.utils.data.Dataset):
         self.disk_cache = disk_cache
         enable_arrow()  # zero-copy pixel reads; here, once, so that forked workers do not each import pyarrow
 
+    def __setstate__(self, state):  # a worker started by spawn / forkserver (Python 3.14's default on Linux)
+        self.__dict__.update(state)
+        enable_arrow()
+
     def __len__(self) -> int:
         return len(self.records)
 

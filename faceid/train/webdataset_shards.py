@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from faceid.face.images import exif_orientation, load_image
+from faceid.face.images import enable_arrow, exif_orientation, load_image
 from faceid.files import atomic_path, write_json_atomic
 from faceid.train import shard_io
 from faceid.train import shard_streams as streams
@@ -235,6 +235,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self._cache = None
         self.collate_fn = collate  # (faceid.train.batch_pool.PooledLoader sets its pool's)
+        enable_arrow()  # zero-copy pixel reads (faceid.face.images.rgbx_view), imported before workers fork
         self.disk_cache = disk_cache  # faceid.train.disk_cache.DiskCache: no image decoding, no encoders
         self.reader = streams.StreamReader(retries, skip_bad_shards, bad_shards_file)
         self.lanes = max(1, int(lanes))
@@ -251,6 +252,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         state = dict(self.__dict__)
         state["_cache"] = None  # open tar files stay in the process that opened them
         return state
+
+    def __setstate__(self, state):  # a worker started by spawn / forkserver (Python 3.14's default on Linux)
+        self.__dict__.update(state)
+        enable_arrow()
 
     def _rank_shards(self, rank: int) -> list[int]:
         return list(range(rank, len(self.shards), self.world_size))

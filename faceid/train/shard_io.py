@@ -250,9 +250,21 @@ def serve_folder(folder: str | os.PathLike, sent: list | None = None):
 
         def copyfile(self, source, outputfile):
             while chunk := source.read(1 << 16):
-                outputfile.write(chunk)
-                if sent is not None:
-                    sent[0] += len(chunk)
+                # Counted before it is written: once a reader has a whole response, the count has it too (a count
+                # made after the write raced the reader's next step); a chunk whose write fails is taken back.
+                count(len(chunk))
+                try:
+                    outputfile.write(chunk)
+                except BaseException:
+                    count(-len(chunk))
+                    raise
+
+    lock = threading.Lock()  # one handler thread per connection
+
+    def count(n: int) -> None:
+        if sent is not None:
+            with lock:
+                sent[0] += n
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True

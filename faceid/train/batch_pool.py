@@ -31,7 +31,7 @@ class BatchPool:
     DataLoader whose ``collate_fn`` is :meth:`collate` (its workers inherit or unpickle the slots), and pass each
     batch the loader yields through :meth:`finish`."""
 
-    def __init__(self, slot_bytes: int, workers: int, per_worker: int = 4, context=None):
+    def __init__(self, slot_bytes: int, workers: int, per_worker: int = 4):
         # (shared memory: workers × per_worker × slot_bytes, allocated here)
         self.slot_bytes = -(-int(slot_bytes) // ALIGN) * ALIGN
         self.workers = int(workers)
@@ -43,8 +43,9 @@ class BatchPool:
             torch.UntypedStorage._new_shared(max(n * self.slot_bytes, 1))
         )
         self.busy = torch.zeros(n, dtype=torch.uint8).share_memory_()
-        # The lock orders the training process's reads of a slot before a worker's next writes into it.
-        self.lock = (context or multiprocessing.get_context()).Lock()
+        # The lock orders the training process's reads of a slot before a worker's next writes into it (the
+        # default context: the DataLoader's, which PooledLoader leaves as it is).
+        self.lock = multiprocessing.get_context().Lock()
         self.fallbacks = 0  # batches that came torch's way (counted by finish)
         self._bytes = None  # this process's numpy view of the slots
 
@@ -142,16 +143,14 @@ class PooledLoader:
     items) through a fresh :class:`BatchPool` per pass, so that workers left over from an abandoned pass never
     write into the slots of the next. Without workers, plain :func:`collate`."""
 
-    def __init__(self, make_loader, num_workers: int, slot_bytes: int, length: int | None = None):
+    def __init__(self, make_loader, num_workers: int, slot_bytes: int, length: int):
         self.make_loader = make_loader
         self.num_workers = int(num_workers)
         self.slot_bytes = int(slot_bytes)
-        self.length = length
+        self.length = int(length)
         self.pool = None  # the last pass's
 
     def __len__(self) -> int:
-        if self.length is None:
-            raise TypeError("this loader's length is not known")
         return self.length
 
     def __iter__(self):
